@@ -48,3 +48,48 @@ impl BlockError {
         }
     }
 }
+
+/// What can go wrong managing volumes (create, open, grow, list, delete).
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// No volume of that name in the directory.
+    #[error("volume {name:?} not found in {dir}")]
+    NotFound { name: String, dir: String },
+    /// A volume (or one of its files) of that name already exists.
+    #[error("volume {name:?} already exists in {dir}")]
+    AlreadyExists { name: String, dir: String },
+    /// A size that is zero, not a multiple of 4096, too large, or a shrink.
+    #[error("invalid volume size {size_bytes}: {reason}")]
+    InvalidSize { size_bytes: u64, reason: String },
+    /// A volume name outside `[A-Za-z0-9._-]{1,64}` (or starting with a dot).
+    #[error(
+        "invalid volume name {name:?}: use 1 to 64 of A-Z a-z 0-9 . _ - (not starting with '.')"
+    )]
+    InvalidName { name: String },
+    /// A metadata or data file is truncated, garbage, or from an unsupported format.
+    #[error("volume metadata {path} is corrupt: {reason}")]
+    Corrupt { path: String, reason: String },
+    /// The I/O engine asked for cannot start.
+    #[error("I/O engine {engine} cannot start: {source}")]
+    Engine { engine: String, source: io::Error },
+    /// Any other I/O failure while managing the volume; the message names the action
+    /// ("open data file /x/y.img: ..."), the kind is the original one.
+    #[error("{0}")]
+    Io(#[from] io::Error),
+}
+
+impl EngineError {
+    /// Wraps an I/O error with the action that failed ("open data file /x/y.img").
+    pub fn io(action: impl std::fmt::Display, source: io::Error) -> EngineError {
+        EngineError::Io(io::Error::new(source.kind(), format!("{action}: {source}")))
+    }
+}
+
+impl From<BlockError> for EngineError {
+    fn from(err: BlockError) -> EngineError {
+        match err {
+            BlockError::Io(source) => EngineError::io("volume I/O", source),
+            other => EngineError::io("volume I/O", io::Error::other(other.to_string())),
+        }
+    }
+}
