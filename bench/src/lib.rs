@@ -1,1 +1,13 @@
-//! Placeholder until its issue lands.
+//! stretch-bench: the link emulator (a Toxiproxy-compatible TCP fault proxy) and the NBD
+//! latency benchmark behind `stretch link` and `stretch bench`.
+
+pub mod bench;
+pub mod cli;
+pub mod link;
+pub mod plot;
+pub mod report;
+pub mod units;
+pub mod workload;
+
+pub use bench::{run_bench, BenchArgs};
+pub use cli::{run_link, LinkArgs, LinkCommand};
