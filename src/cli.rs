@@ -1,0 +1,107 @@
+//! The command line: one binary, `stretch`, with a subcommand per job.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "stretch",
+    version,
+    about = "Active-active replicated block storage for stretched clusters"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Start a ready-to-use local cluster and print its NBD URIs (Ctrl-C stops it).
+    Up(UpArgs),
+    /// Serve the volumes of one site over NBD.
+    Serve(ServeArgs),
+    /// Create, list, grow or delete volumes in a data directory.
+    #[command(subcommand)]
+    Volume(VolumeCommand),
+    /// The link emulator: a TCP proxy with RTT, jitter, bandwidth caps and partitions.
+    Link(stretch_bench::LinkArgs),
+    /// Latency and throughput benchmark over NBD, with hdrhistogram percentiles.
+    Bench(stretch_bench::BenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// TOML config file (see docs/operations.md); flags below override it.
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+    /// Data directory (required without --config).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// TCP listen address, e.g. 127.0.0.1:10809 (repeatable; port 0 picks one).
+    #[arg(long)]
+    pub listen: Vec<std::net::SocketAddr>,
+    /// Also listen on this Unix socket.
+    #[arg(long)]
+    pub unix_socket: Option<PathBuf>,
+    /// I/O engine: auto, uring or psync.
+    #[arg(long)]
+    pub io_engine: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    /// Data directory; default: a fresh directory under the system temp dir.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// NBD listen address.
+    #[arg(long, default_value = "127.0.0.1:10809")]
+    pub listen: std::net::SocketAddr,
+    /// Name of the volume to create.
+    #[arg(long, default_value = "vol0")]
+    pub volume: String,
+    /// Size of the volume.
+    #[arg(long, default_value = "1GiB")]
+    pub size: String,
+    /// I/O engine: auto, uring or psync.
+    #[arg(long, default_value = "auto")]
+    pub io_engine: String,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum VolumeCommand {
+    /// Create a volume (sparse; its size a multiple of 4096 bytes).
+    Create {
+        name: String,
+        /// Size, e.g. 20GiB, 512M or a byte count.
+        #[arg(long)]
+        size: String,
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
+    /// List the volumes in a data directory.
+    List {
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Grow a volume (shrinking is refused: it would destroy data).
+    Grow {
+        name: String,
+        #[arg(long)]
+        size: String,
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
+    /// Delete a volume and its metadata.
+    Delete {
+        name: String,
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Required: deleting a volume destroys its data.
+        #[arg(long)]
+        yes: bool,
+    },
+}

@@ -1,0 +1,175 @@
+//! Shared helpers for the end-to-end tests: real `stretch` processes, real clients.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// The `stretch` binary cargo built for these tests.
+pub fn stretch_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_stretch"))
+}
+
+/// Runs `stretch ARGS` to completion.
+pub fn stretch(args: &[&str]) -> Output {
+    Command::new(stretch_bin())
+        .args(args)
+        .output()
+        .expect("run the stretch binary")
+}
+
+/// True if `tool` is on PATH. A missing tool prints a loud SKIPPED line; with
+/// STRETCH_REQUIRE_TOOLS=1 (set by .ci/run) it fails the test instead.
+pub fn have_tool(tool: &str, test: &str) -> bool {
+    let found = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .stdout(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !found {
+        if std::env::var("STRETCH_REQUIRE_TOOLS").as_deref() == Ok("1") {
+            panic!("{test}: required tool {tool} is not installed (STRETCH_REQUIRE_TOOLS=1)");
+        }
+        eprintln!("\n========== SKIPPED: {test}: {tool} not installed ==========\n");
+    }
+    found
+}
+
+/// A `stretch serve` process on a free port, killed on drop.
+pub struct Site {
+    pub child: Child,
+    pub uris: Vec<String>,
+    pub data_dir: PathBuf,
+    stdout_lines: mpsc::Receiver<String>,
+}
+
+impl Site {
+    /// Starts `stretch serve` with `extra` arguments and waits until it prints its URIs.
+    pub fn serve(data_dir: &Path, extra: &[&str]) -> Site {
+        let mut child = Command::new(stretch_bin())
+            .arg("serve")
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(["--listen", "127.0.0.1:0"])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn stretch serve");
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut uris = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        // The server prints every URI at once after binding; the first line proves it listens,
+        // and a short quiet period collects the rest.
+        while Instant::now() < deadline {
+            let wait = if uris.is_empty() {
+                Duration::from_secs(1)
+            } else {
+                Duration::from_millis(200)
+            };
+            match rx.recv_timeout(wait) {
+                Ok(line) if line.starts_with("nbd://") || line.starts_with("nbd+unix://") => {
+                    uris.push(line)
+                }
+                Ok(_) => {}
+                Err(mpsc::RecvTimeoutError::Timeout) if !uris.is_empty() => break,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    if let Ok(Some(status)) = child.try_wait() {
+                        panic!("stretch serve exited early with {status}");
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    let status = child.wait().expect("wait for stretch serve");
+                    panic!("stretch serve exited before printing URIs: {status}");
+                }
+            }
+        }
+        assert!(
+            !uris.is_empty(),
+            "stretch serve printed no NBD URI within 30 s"
+        );
+        Site {
+            child,
+            uris,
+            data_dir: data_dir.to_path_buf(),
+            stdout_lines: rx,
+        }
+    }
+
+    /// The TCP URI of `volume`.
+    pub fn uri(&self, volume: &str) -> String {
+        self.uris
+            .iter()
+            .find(|u| u.starts_with("nbd://") && u.ends_with(&format!("/{volume}")))
+            .unwrap_or_else(|| panic!("no URI for {volume} in {:?}", self.uris))
+            .clone()
+    }
+
+    /// Sends SIGTERM and waits for a clean exit.
+    pub fn stop(mut self) -> std::process::ExitStatus {
+        // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait for stretch serve") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "stretch serve did not stop within 30 s of SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Site {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs a command, returning its output; panics with stderr if it fails to start.
+pub fn run(cmd: &mut Command) -> Output {
+    cmd.output().unwrap_or_else(|e| panic!("run {cmd:?}: {e}"))
+}
+
+/// Runs a command and asserts success, returning stdout.
+pub fn run_ok(cmd: &mut Command) -> String {
+    let out = run(cmd);
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed with {}:\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `qemu-io -f raw URI -c CMD...`, asserting success and no "Pattern verification failed".
+pub fn qemu_io(uri: &str, cmds: &[&str]) -> String {
+    let mut cmd = Command::new("qemu-io");
+    cmd.args(["-f", "raw", uri]);
+    for c in cmds {
+        cmd.args(["-c", c]);
+    }
+    let out = run_ok(&mut cmd);
+    assert!(!out.contains("failed"), "qemu-io reported a failure: {out}");
+    out
+}
