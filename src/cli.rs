@@ -47,6 +47,9 @@ pub struct ServeArgs {
     /// I/O engine: auto, uring or psync.
     #[arg(long)]
     pub io_engine: Option<String>,
+    /// Use the page cache for volume data instead of O_DIRECT (FLUSH/FUA still fdatasync).
+    #[arg(long)]
+    pub buffered_io: bool,
 }
 
 #[derive(Debug, Args)]

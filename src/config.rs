@@ -14,6 +14,7 @@
 //!
 //! [engine]
 //! io_engine = "auto"          # auto | uring | psync
+//! direct_io = true            # O_DIRECT data files; false uses the page cache
 //!
 //! [[volume]]
 //! name = "vm-disk-1"
@@ -76,12 +77,16 @@ impl Default for NbdConfig {
 pub struct EngineConfig {
     /// `auto` (io_uring, falling back to psync with the reason logged), `uring` or `psync`.
     pub io_engine: String,
+    /// Open data files with O_DIRECT (bypassing the page cache, as `cache=none` does for a
+    /// hypervisor). Durability never depends on it: FLUSH and FUA always fdatasync.
+    pub direct_io: bool,
 }
 
 impl Default for EngineConfig {
     fn default() -> Self {
         EngineConfig {
             io_engine: "auto".into(),
+            direct_io: true,
         }
     }
 }

@@ -30,6 +30,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(engine) = args.io_engine {
         config.engine.io_engine = engine;
     }
+    if args.buffered_io {
+        config.engine.direct_io = false;
+    }
     let running = start(&config).await?;
     running.print_endpoints();
     wait_for_shutdown_signal().await;
