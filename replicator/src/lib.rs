@@ -1,1 +1,14 @@
-//! Placeholder until its issue lands.
+//! `stretch-replicator`: site-to-site replication for Stretch (DESIGN.md §4, §5).
+//!
+//! This first stage holds the parts that need no sockets or disks:
+//! - [`frame`]: the self-checking wire frame (header + raw payload);
+//! - [`stamp`]: the mutation stamp `(accept_epoch, hlc, origin_site)` and the hybrid logical
+//!   clock that issues it;
+//! - [`core`]: the sans-IO replication state machine (events in, actions out);
+//! - [`sim`]: a seeded, deterministic two-site simulator that drives the core through
+//!   network faults, clock skew, crashes and detaches, and checks the invariants of §7.
+
+pub mod core;
+pub mod frame;
+pub mod sim;
+pub mod stamp;

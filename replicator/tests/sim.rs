@@ -1,0 +1,397 @@
+//! The deterministic simulator over the replication core (DESIGN.md §4, §7).
+//!
+//! - `seeds`: many random seeds (env `STRETCH_SIM_SEEDS`, default 1500; `STRETCH_SIM_SEED_BASE`
+//!   shifts the range). A failure prints the seed and the command that replays it.
+//! - `replay`: one seed with a trace (env `STRETCH_SIM_SEED`).
+//! - Named regressions for the ways designs like this lose acknowledged writes.
+//! - `checker_catches_*`: deliberately broken cores that the simulator must catch, which
+//!   proves the invariants can fail.
+
+use std::time::Instant;
+
+use stretch_replicator::core::Fault;
+use stretch_replicator::frame::Kind;
+use stretch_replicator::sim::{run_seed, Outcome, SimOptions, World};
+use stretch_replicator::stamp::StampParts;
+
+fn env_u64(name: &str) -> Option<u64> {
+    std::env::var(name).ok().and_then(|v| v.trim().parse().ok())
+}
+
+/// Runs seeds `base..base + count` on every core; returns the first failure's report.
+fn sweep(base: u64, count: u64, fault: Fault, stop_at_first: bool) -> (u64, Option<String>) {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+    let next = std::sync::atomic::AtomicU64::new(base);
+    let failed = std::sync::Mutex::new(None::<(u64, String)>);
+    let ran = std::sync::atomic::AtomicU64::new(0);
+    std::thread::scope(|scope| {
+        for _ in 0..threads {
+            scope.spawn(|| loop {
+                let seed = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if seed >= base + count {
+                    break;
+                }
+                if stop_at_first && failed.lock().is_ok_and(|f| f.is_some()) {
+                    break;
+                }
+                ran.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if let Err(failure) = run_seed(seed, fault, false) {
+                    let mut f = failed.lock().unwrap_or_else(|e| e.into_inner());
+                    if f.as_ref().is_none_or(|(s, _)| seed < *s) {
+                        *f = Some((seed, failure.to_string()));
+                    }
+                }
+            });
+        }
+    });
+    let failure = failed
+        .into_inner()
+        .unwrap_or_else(|e| e.into_inner())
+        .map(|(_, m)| m);
+    (ran.into_inner(), failure)
+}
+
+// DESIGN.md §7 invariants 1, 2, 4, 5 under faults; §4 apply rule, fencing, resync.
+#[test]
+fn seeds() {
+    let count = env_u64("STRETCH_SIM_SEEDS").unwrap_or(1500);
+    let base = env_u64("STRETCH_SIM_SEED_BASE").unwrap_or(0);
+    let started = Instant::now();
+    let (ran, failure) = sweep(base, count, Fault::None, false);
+    let secs = started.elapsed().as_secs_f64();
+    eprintln!(
+        "sim: {ran} seeds in {secs:.1}s ({:.0} seeds/s)",
+        ran as f64 / secs
+    );
+    if let Some(message) = failure {
+        panic!("{message}");
+    }
+}
+
+#[test]
+fn replay() {
+    let seed = env_u64("STRETCH_SIM_SEED").unwrap_or(0);
+    match run_seed(seed, Fault::None, true) {
+        Ok(report) => eprintln!("seed {seed} passed: {report:?}"),
+        Err(failure) => panic!("{failure}"),
+    }
+}
+
+/// Seeds with both detaches and checked reads must occur, or the sweep proves little.
+#[test]
+fn seeds_cover_detach_rejoin_crash_and_fencing() {
+    let mut totals = (0u32, 0u32, 0u32, 0u64, 0u64, 0u64, 0u64);
+    for seed in 0..200 {
+        let r = run_seed(seed, Fault::None, false).unwrap_or_else(|f| panic!("{f}"));
+        totals.0 += r.detaches;
+        totals.1 += r.rejoins;
+        totals.2 += r.crashes;
+        totals.3 += r.reads_checked;
+        totals.4 += r.frames_rejected;
+        totals.5 += r.divergent_saved;
+        totals.6 += r.frames_fenced;
+    }
+    let (detaches, rejoins, crashes, reads, rejected, divergent, fenced) = totals;
+    eprintln!("{totals:?}");
+    assert!(detaches > 20 && rejoins > 20 && crashes > 20, "{totals:?}");
+    assert!(
+        reads > 1000 && rejected > 10 && divergent > 0 && fenced > 0,
+        "{totals:?}"
+    );
+}
+
+fn expect_caught(fault: Fault) {
+    let (ran, failure) = sweep(0, 400, fault, true);
+    let message = failure.unwrap_or_else(|| panic!("{fault:?} survived {ran} seeds"));
+    eprintln!(
+        "{fault:?} caught: {}",
+        message.lines().next().unwrap_or_default()
+    );
+}
+
+// Checking the checker: each deliberate bug must be caught within 400 seeds.
+#[test]
+fn checker_catches_apply_without_stamp_compare() {
+    expect_caught(Fault::ApplyWithoutStampCompare);
+}
+
+#[test]
+fn checker_catches_resync_by_stamp() {
+    expect_caught(Fault::ResyncByStamp);
+}
+
+#[test]
+fn checker_catches_reads_that_do_not_wait() {
+    expect_caught(Fault::ReadsDontWait);
+}
+
+#[test]
+fn checker_catches_missing_fencing() {
+    expect_caught(Fault::NoFencing);
+}
+
+// ----- named regressions -----------------------------------------------------------------
+
+/// The op id whose data a block holds (`None` for zeroes).
+fn writer_of(world: &World, site: u8, lba: u64) -> Option<u64> {
+    let (data, _) = world.store(site).block(lba);
+    let data = data.filter(|d| d.iter().any(|&x| x != 0))?;
+    let mut id = [0u8; 8];
+    id.copy_from_slice(&data[8..16]);
+    Some(u64::from_le_bytes(id))
+}
+
+fn check(result: Result<(), stretch_replicator::sim::SimFailure>) {
+    if let Err(failure) = result {
+        panic!("{failure}");
+    }
+}
+
+/// DESIGN.md §4 "Resync": after a detach the survivor's version wins unconditionally. The
+/// loser's clock runs 10 s ahead, so its divergent write carries the larger stamp; a resync
+/// by stamp would keep it and lose the survivor's acknowledged write.
+fn loser_clock_ahead(
+    fault: Fault,
+) -> Result<(World, u64, u64), stretch_replicator::sim::SimFailure> {
+    let mut opts = SimOptions::scripted();
+    opts.clock_skew_us = [10_000_000, 0];
+    opts.fault = fault;
+    let mut w = World::new(1, opts);
+    w.run_for(20_000)?;
+    w.set_partition(true)?;
+    let loser_write = w.client_write(0, 2, 1)?;
+    let survivor_write = w.client_write(1, 2, 1)?;
+    w.run_for(1_000)?;
+    w.detach(1)?;
+    w.heal_and_settle(2_000_000)?;
+    Ok((w, loser_write, survivor_write))
+}
+
+#[test]
+fn regression_loser_clock_running_ahead() {
+    let (w, loser_write, survivor_write) =
+        loser_clock_ahead(Fault::None).unwrap_or_else(|f| panic!("{f}"));
+    assert_eq!(w.outcome(loser_write), Some(Outcome::Failed));
+    let Some(Outcome::Acked(survivor_stamp)) = w.outcome(survivor_write) else {
+        panic!(
+            "survivor write not acknowledged: {:?}",
+            w.outcome(survivor_write)
+        );
+    };
+    // The survivor's write has the smaller stamp within epoch 1 and still wins.
+    assert_eq!(StampParts::decode(survivor_stamp).accept_epoch, 1);
+    for site in 0..2 {
+        assert_eq!(writer_of(&w, site, 2), Some(survivor_write), "site {site}");
+        assert_eq!(w.store(site).block(2).1, survivor_stamp);
+    }
+    assert!(
+        w.report().divergent_saved >= 1,
+        "the loser's block goes to the side file"
+    );
+    // The same history with resync by stamp loses the acknowledged write: the check above
+    // is not vacuous.
+    assert!(loser_clock_ahead(Fault::ResyncByStamp).is_err());
+}
+
+/// DESIGN.md §4 "Fencing": a write the loser accepted before the detach, delivered after
+/// the rejoin, is refused (accept_epoch < fenced_before[loser]) and never applied.
+fn late_frame_after_rejoin(fault: Fault) -> Result<World, stretch_replicator::sim::SimFailure> {
+    let mut opts = SimOptions::scripted();
+    opts.fault = fault;
+    let mut w = World::new(2, opts);
+    w.run_for(20_000)?;
+    w.hold_frames(0, Kind::Write);
+    let late = w.client_write(0, 3, 1)?;
+    w.run_for(2_000)?;
+    w.set_partition(true)?;
+    w.detach(1)?;
+    assert_eq!(w.outcome(late), Some(Outcome::Failed));
+    w.set_partition(false)?;
+    for _ in 0..200 {
+        w.run_for(5_000)?;
+        if w.role(0) == stretch_replicator::core::Role::InSync {
+            break;
+        }
+    }
+    assert_eq!(w.epoch(), 3, "detach then rejoin");
+    assert!(w.release_held() >= 1);
+    w.run_for(50_000)?;
+    w.heal_and_settle(1_000_000)?;
+    Ok(w)
+}
+
+#[test]
+fn regression_frame_accepted_before_detach_delivered_after_rejoin() {
+    let w = late_frame_after_rejoin(Fault::None).unwrap_or_else(|f| panic!("{f}"));
+    assert!(w.report().frames_fenced >= 1, "{:?}", w.report());
+    for site in 0..2 {
+        assert_eq!(
+            writer_of(&w, site, 3),
+            None,
+            "site {site} applied a fenced write"
+        );
+    }
+    // Without fencing the late frame is applied at one site only: the sites diverge.
+    assert!(late_frame_after_rejoin(Fault::NoFencing).is_err());
+}
+
+/// DESIGN.md §4 "Apply rule": two overlapping writes from the two sites, their frames
+/// delayed, reordered and duplicated as on two connections, end the same at both sites.
+fn overlapping_race(
+    seed: u64,
+    fault: Fault,
+    trim: bool,
+) -> Result<(World, u64, u64), stretch_replicator::sim::SimFailure> {
+    let mut opts = SimOptions::scripted();
+    opts.net_delay_us_min = 100;
+    opts.net_delay_us_max = 3_000 + seed * 97 % 5_000;
+    opts.dup_per_mille = 300;
+    opts.fault = fault;
+    let mut w = World::new(seed, opts);
+    w.run_for(20_000 + seed % 7 * 300)?;
+    let first = if trim {
+        w.client_trim(0, 0, 4, seed % 2 == 0)?
+    } else {
+        w.client_write(0, 1, 3)?
+    };
+    w.run_for(seed % 5 * 400)?;
+    let second = w.client_write(1, 2, 2)?;
+    w.heal_and_settle(2_000_000)?;
+    Ok((w, first, second))
+}
+
+fn acked_stamp(w: &World, id: u64) -> stretch_engine::Stamp {
+    match w.outcome(id) {
+        Some(Outcome::Acked(stamp)) => stamp,
+        other => panic!("op {id} must be acknowledged, got {other:?}"),
+    }
+}
+
+fn assert_sites_identical(w: &World) {
+    for lba in 0..8 {
+        assert_eq!(
+            writer_of(w, 0, lba),
+            writer_of(w, 1, lba),
+            "block {lba} data differs"
+        );
+        assert_eq!(
+            w.store(0).block(lba).1,
+            w.store(1).block(lba).1,
+            "block {lba} stamp differs"
+        );
+    }
+}
+
+#[test]
+fn regression_overlapping_write_racing_on_two_connections() {
+    for seed in 0..40 {
+        let (w, first, second) =
+            overlapping_race(seed, Fault::None, false).unwrap_or_else(|f| panic!("{f}"));
+        let newer = if acked_stamp(&w, second) > acked_stamp(&w, first) {
+            second
+        } else {
+            first
+        };
+        assert_sites_identical(&w);
+        assert_eq!(writer_of(&w, 0, 1), Some(first));
+        assert_eq!(writer_of(&w, 0, 2), Some(newer));
+        assert_eq!(writer_of(&w, 0, 3), Some(newer));
+    }
+    let caught =
+        (0..40).any(|seed| overlapping_race(seed, Fault::ApplyWithoutStampCompare, false).is_err());
+    assert!(
+        caught,
+        "applying without the stamp comparison must diverge in some race"
+    );
+}
+
+#[test]
+fn regression_trim_racing_a_write() {
+    for seed in 0..40 {
+        let (w, trim, write) =
+            overlapping_race(seed, Fault::None, true).unwrap_or_else(|f| panic!("{f}"));
+        let (s_trim, s_write) = (acked_stamp(&w, trim), acked_stamp(&w, write));
+        assert_sites_identical(&w);
+        for lba in 0..8u64 {
+            let expect = match lba {
+                2 | 3 if s_write > s_trim => Some(write),
+                _ => None,
+            };
+            assert_eq!(writer_of(&w, 0, lba), expect, "seed {seed} block {lba}");
+        }
+        // The trim leaves its stamp as a tombstone.
+        assert_eq!(w.store(0).block(0).1, s_trim);
+    }
+    let caught =
+        (0..40).any(|seed| overlapping_race(seed, Fault::ApplyWithoutStampCompare, true).is_err());
+    assert!(
+        caught,
+        "applying without the stamp comparison must diverge in some race"
+    );
+}
+
+/// DESIGN.md §7 invariant 5: resync copies only dirty blocks.
+#[test]
+fn resync_copies_only_dirty_blocks() {
+    let mut w = World::new(3, SimOptions::scripted());
+    check(w.run_for(20_000));
+    for lba in 0..8 {
+        check(w.client_write(0, lba, 1).map(drop));
+    }
+    check(w.run_for(50_000));
+    check(w.set_partition(true));
+    check(w.detach(0));
+    let alone = w.client_write(0, 5, 1).unwrap_or_else(|f| panic!("{f}"));
+    assert!(
+        matches!(w.outcome(alone), Some(Outcome::Acked(_))),
+        "survivor acks alone"
+    );
+    check(w.heal_and_settle(1_000_000));
+    let sent = w.replica(0).map(|r| r.counters().resync_blocks_sent);
+    assert_eq!(sent, Some(1), "only block 5 was dirty");
+    assert_eq!(writer_of(&w, 1, 5), Some(alone));
+}
+
+/// DESIGN.md §5: heartbeats echoed by sequence number give a smoothed RTT.
+#[test]
+fn heartbeats_measure_the_round_trip() {
+    let mut opts = SimOptions::scripted();
+    opts.net_delay_us_min = 2_500;
+    opts.net_delay_us_max = 2_500;
+    let mut w = World::new(4, opts);
+    check(w.run_for(500_000));
+    for site in 0..2 {
+        let rtt = w.replica(site).and_then(|r| r.rtt_us_smoothed());
+        assert_eq!(rtt, Some(5_000), "site {site}");
+    }
+}
+
+/// DESIGN.md §4 "Pipelining": the window is bounded; writes beyond it wait, then complete.
+#[test]
+fn window_bounds_writes_in_flight() {
+    let mut w = World::new(5, SimOptions::scripted());
+    check(w.run_for(20_000));
+    check(w.set_partition(true));
+    let ids: Vec<u64> = (0..10)
+        .map(|i| {
+            w.client_write(0, i % 8, 1)
+                .unwrap_or_else(|f| panic!("{f}"))
+        })
+        .collect();
+    let inflight = w.replica(0).map(|r| r.inflight_bytes()).unwrap_or(0);
+    assert_eq!(
+        inflight,
+        4 * (128 + 4096),
+        "the simulator's window holds 4 writes"
+    );
+    check(w.run_for(10_000));
+    assert!(
+        ids.iter()
+            .all(|id| w.outcome(*id) == Some(Outcome::Pending)),
+        "sync: no ack while cut off"
+    );
+    check(w.heal_and_settle(1_000_000));
+    assert!(ids
+        .iter()
+        .all(|id| matches!(w.outcome(*id), Some(Outcome::Acked(_)))));
+}
