@@ -117,7 +117,8 @@ fn fio_verified_random_io_over_four_connections() {
     let site = site_with_volume(dir.path(), "64MiB", &[]);
     let uri = site.uri("vol");
     // Each job writes its own 16 MiB slice with crc32c verify headers, then reads it back.
-    let out = run_ok(Command::new("fio").args([
+    // fio saves verify state files in its working directory: keep them in the temp dir.
+    let out = run_ok(Command::new("fio").current_dir(dir.path()).args([
         "--name=verify",
         "--ioengine=nbd",
         &format!("--uri={uri}"),
