@@ -4,7 +4,9 @@
 //! Run: `cargo bench -p stretch-engine` (about two minutes).
 //! Knobs: `STRETCH_BENCH_DIR` (where the 1 GiB volume goes; default the temp dir — put it on
 //! the disk you care about), `STRETCH_BENCH_SIZE_MIB` (default 1024), `STRETCH_BENCH_SECS` per
-//! cell (default 4). Without fio the engine rows still run and a loud SKIPPED line says so;
+//! cell (default 4); for profiling, `STRETCH_BENCH_FILTER` (workloads containing it, e.g.
+//! `randread`), `STRETCH_BENCH_QD` (1 or 32) and `STRETCH_BENCH_RUNNERS` (a comma list of
+//! `stretch-uring`, `stretch-psync`, `fio-io_uring`, `fio-psync`). Without fio the engine rows still run and a loud SKIPPED line says so;
 //! with `STRETCH_REQUIRE_TOOLS=1` a missing fio is a failure.
 //!
 //! Each Stretch cell runs QD tasks on a current-thread tokio runtime; every task loops: pick a
@@ -69,17 +71,36 @@ fn main() {
         size_bytes >> 20,
         data_path.display()
     );
+    // No I/O or timer driver: the engine wakes tasks itself, and without a driver an idle
+    // runtime parks on a futex, which is cheaper to wake than an epoll-based park.
     let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
         .build()
         .expect("runtime");
     rt.block_on(prefill(&vol, size_bytes));
     drop(vol);
 
+    // STRETCH_BENCH_FILTER=randread (a substring of the workload) runs only matching cells.
+    let filter = std::env::var("STRETCH_BENCH_FILTER").unwrap_or_default();
+    // STRETCH_BENCH_RUNNERS=stretch-uring,fio-io_uring runs only those (for profiling).
+    let runners_env = std::env::var("STRETCH_BENCH_RUNNERS")
+        .unwrap_or_else(|_| "stretch-uring,stretch-psync,fio-io_uring,fio-psync".into());
+    let runners: Vec<&str> = runners_env.split(',').map(str::trim).collect();
+    let qd_only: Option<u32> = std::env::var("STRETCH_BENCH_QD")
+        .ok()
+        .and_then(|v| v.parse().ok());
     let mut cells = Vec::new();
     for workload in ["randread", "randwrite"] {
+        if !workload.contains(filter.as_str()) {
+            continue;
+        }
         for qd in [1u32, 32] {
+            if qd_only.is_some_and(|only| only != qd) {
+                continue;
+            }
             for kind in [IoEngineKind::Uring, IoEngineKind::Psync] {
+                if !runners.contains(&format!("stretch-{kind}").as_str()) {
+                    continue;
+                }
                 let cfg = VolumeConfig {
                     io_engine: kind,
                     ..VolumeConfig::default()
@@ -100,6 +121,9 @@ fn main() {
             }
             if fio {
                 for ioengine in ["io_uring", "psync"] {
+                    if !runners.contains(&format!("fio-{ioengine}").as_str()) {
+                        continue;
+                    }
                     match run_fio(&data_path, workload, qd, ioengine, size_bytes, secs, direct) {
                         Ok((iops, p50_us, p99_us)) => {
                             eprintln!("{workload} qd{qd} fio {ioengine}: {iops:.0} IOPS p50 {p50_us:.1} us p99 {p99_us:.1} us");

@@ -7,9 +7,10 @@
 
 use tokio::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-/// Number of stripes: 64 KiB of locks per volume, and two blocks share a stripe only if they
-/// are a multiple of 4 MiB apart.
-pub const STRIPES: u64 = 1024;
+/// Number of stripes: about 256 KiB of locks per volume; two blocks share a stripe only if
+/// they are a multiple of 16 MiB apart, so 32 concurrent random writes rarely wait on each
+/// other (a 1024-stripe table made ~3% of QD32 writes wait for an unrelated write).
+pub const STRIPES: u64 = 4096;
 
 pub struct StripeLocks {
     locks: Box<[RwLock<()>]>,

@@ -858,6 +858,11 @@ impl Volume {
             skipped_blocks: count - applied_blocks,
         };
         if runs.is_empty() {
+            // Every block already holds something newer; FUA still promises that what the
+            // caller now sees is durable, so honour it.
+            if fua {
+                self.flush_inner().await?;
+            }
             return Ok(outcome);
         }
         let (first_run, last_run) = (runs[0].start, runs[runs.len() - 1].end);
@@ -1312,3 +1317,9 @@ impl Drop for Volume {
         }
     }
 }
+
+// The NBD server and the replicator share a volume across tokio worker threads.
+const _: fn() = || {
+    fn assert_shareable<T: Send + Sync + 'static>() {}
+    assert_shareable::<Volume>();
+};

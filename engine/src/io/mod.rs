@@ -173,6 +173,9 @@ pub fn open_engine(
 struct SlotState {
     done: Option<IoDone>,
     waker: Option<Waker>,
+    /// A thread is blocked in `wait()`: only then is the condition variable signalled (a
+    /// signal is a futex syscall, which the async path should not pay per operation).
+    blocking_waiter: bool,
 }
 
 struct Slot {
@@ -180,8 +183,18 @@ struct Slot {
     ready: Condvar,
 }
 
+/// Lets the thread polling a completion deliver completions that already arrived, instead of
+/// waiting for the engine's thread to wake up and do it (one thread hand-off less under load).
+pub trait Reap: Send + Sync {
+    /// Delivers whatever completions are ready, if that can be done without blocking.
+    fn reap(&self);
+}
+
 /// The caller's side of an operation: a future, or [`Completion::wait`] from blocking code.
-pub struct Completion(Arc<Slot>);
+pub struct Completion {
+    slot: Arc<Slot>,
+    reaper: Option<Arc<dyn Reap>>,
+}
 
 /// The engine's side of an operation: completes it exactly once (dropping it without
 /// completing reports an error, so a waiter never hangs on an engine that died).
@@ -193,10 +206,14 @@ pub fn completion_pair() -> (Completer, Completion) {
         state: Mutex::new(SlotState {
             done: None,
             waker: None,
+            blocking_waiter: false,
         }),
         ready: Condvar::new(),
     });
-    (Completer(Some(slot.clone())), Completion(slot))
+    (
+        Completer(Some(slot.clone())),
+        Completion { slot, reaper: None },
+    )
 }
 
 impl Completion {
@@ -207,15 +224,26 @@ impl Completion {
         completion
     }
 
+    /// Adds a reaper the future calls when polled before its result is in.
+    pub fn with_reaper(mut self, reaper: Arc<dyn Reap>) -> Completion {
+        self.reaper = Some(reaper);
+        self
+    }
+
+    fn take_done(&self) -> Option<IoDone> {
+        lock(&self.slot.state).done.take()
+    }
+
     /// Blocks the calling thread until the operation finished.
     pub fn wait(self) -> IoDone {
-        let mut state = lock(&self.0.state);
+        let mut state = lock(&self.slot.state);
         loop {
             if let Some(done) = state.done.take() {
                 return done;
             }
+            state.blocking_waiter = true;
             state = self
-                .0
+                .slot
                 .ready
                 .wait(state)
                 .unwrap_or_else(|poison| poison.into_inner());
@@ -226,7 +254,13 @@ impl Completion {
 impl Future for Completion {
     type Output = IoDone;
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<IoDone> {
-        let mut state = lock(&self.0.state);
+        if let Some(reaper) = &self.reaper {
+            if let Some(done) = self.take_done() {
+                return Poll::Ready(done);
+            }
+            reaper.reap();
+        }
+        let mut state = lock(&self.slot.state);
         if let Some(done) = state.done.take() {
             return Poll::Ready(done);
         }
@@ -247,12 +281,14 @@ impl Completer {
     }
 
     fn deliver(slot: &Slot, done: IoDone) {
-        let waker = {
+        let (waker, blocking_waiter) = {
             let mut state = lock(&slot.state);
             state.done = Some(done);
-            state.waker.take()
+            (state.waker.take(), state.blocking_waiter)
         };
-        slot.ready.notify_all();
+        if blocking_waiter {
+            slot.ready.notify_all();
+        }
         if let Some(waker) = waker {
             waker.wake();
         }
