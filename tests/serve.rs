@@ -191,6 +191,40 @@ fn data_written_over_nbd_survives_a_restart() {
             "read -P 0 2M 1M",
         ],
     );
+    // Zero with unmap allowed (may punch a hole) and fast zero with unmap allowed: both must read
+    // back as zeroes. NBD proto.md: FAST_ZERO "fail fast with ENOTSUP unless zeroing is faster";
+    // with NO_HOLE (qemu-io -z -n without -u) zeroing is a plain write, so the daemon must refuse
+    // it with ENOTSUP and leave the data untouched.
+    qemu_io(
+        &uri,
+        &[
+            "write -P 0x77 4M 2M",
+            "write -z -u 4M 64k",
+            "write -z -n -u 5M 64k",
+        ],
+    );
+    qemu_io(
+        &uri,
+        &[
+            "read -P 0 4M 64k",
+            "read -P 0 5M 64k",
+            "read -P 0x77 4160k 960k",
+        ],
+    );
+    let refused = common::run(Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        &uri,
+        "-c",
+        "write -z -n 4608k 64k",
+    ]));
+    let text = String::from_utf8_lossy(&refused.stdout).to_string()
+        + &String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        text.contains("Operation not supported"),
+        "fast zero with NO_HOLE must get ENOTSUP: {text}"
+    );
+    qemu_io(&uri, &["read -P 0x77 4608k 64k"]);
     // Unaligned mutations are refused (DESIGN.md §4: no read-modify-write on the server), but
     // QEMU aligns for us, so check the refusal through the advertised minimum block size.
     if have_tool("nbdinfo", "data_written_over_nbd_survives_a_restart") {
@@ -264,5 +298,53 @@ fn qemu_img_convert_compare_and_map_through_the_real_engine() {
     assert!(
         extents.iter().any(|e| e["zero"] == true),
         "the unwritten middle reads as zero: {map}"
+    );
+}
+
+/// The README's first command: `stretch up` must start a usable volume and print its URI.
+#[test]
+fn up_prints_a_working_uri() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(common::stretch_bin())
+        .args([
+            "up",
+            "--listen",
+            "127.0.0.1:0",
+            "--size",
+            "64MiB",
+            "--data-dir",
+        ])
+        .arg(dir.path())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let uri = loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let line = rx
+            .recv_timeout(left)
+            .expect("stretch up printed no URI within 30 s");
+        if let Some(at) = line.find("nbd://") {
+            break line[at..].split_whitespace().next().unwrap().to_string();
+        }
+    };
+    assert!(uri.ends_with("/vol0"), "{uri}");
+    qemu_io(&uri, &["write -P 0x42 0 1M", "read -P 0x42 0 1M"]);
+    // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    let status = child.wait().unwrap();
+    assert!(
+        status.success(),
+        "stretch up must exit cleanly on SIGTERM: {status}"
     );
 }
