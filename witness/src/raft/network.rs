@@ -1,0 +1,266 @@
+//! Raft RPCs over TCP: one postcard-encoded, framed (`len | crc32 | payload`) request and reply
+//! at a time per connection, every step under a deadline, every frame under
+//! `FRAME_BYTES_MAX`, and at most `CONNECTIONS_MAX` connections served at once.
+
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, Unreachable};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use openraft::BasicNode;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio::time::timeout;
+
+use super::{frame, unframe, NodeId, Raft, TypeConfig, FRAME_BYTES_MAX};
+
+/// Connections a node serves at once; more are closed at accept. Three voters need a handful.
+pub const CONNECTIONS_MAX: usize = 64;
+/// A served connection idle this long is closed.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Pause after a failed accept.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// Deadline for writing one reply.
+const REPLY_DEADLINE: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum RpcRequest {
+    AppendEntries(AppendEntriesRequest<TypeConfig>),
+    Vote(VoteRequest<NodeId>),
+    InstallSnapshot(InstallSnapshotRequest<TypeConfig>),
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum RpcResponse {
+    AppendEntries(AppendEntriesResponse<NodeId>),
+    Vote(VoteResponse<NodeId>),
+    InstallSnapshot(InstallSnapshotResponse<NodeId>),
+    /// The serving node's Raft refused (it is shutting down, or a snapshot error).
+    Error(String),
+}
+
+fn io_err(e: impl std::fmt::Display) -> io::Error {
+    io::Error::other(e.to_string())
+}
+
+async fn write_frame(stream: &mut TcpStream, payload: &[u8]) -> io::Result<()> {
+    stream.write_all(&frame(payload)?).await
+}
+
+/// Reads one frame; `None` on a clean end of stream before a frame starts.
+async fn read_frame(stream: &mut TcpStream) -> io::Result<Option<Vec<u8>>> {
+    let mut header = [0u8; 8];
+    match stream.read_exact(&mut header).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
+    // Checked before allocating: a peer cannot make us reserve more than the limit.
+    if len > FRAME_BYTES_MAX {
+        return Err(io_err(format!("frame of {len} bytes exceeds the limit")));
+    }
+    let mut buf = vec![0u8; 8 + len];
+    buf[..8].copy_from_slice(&header);
+    stream.read_exact(&mut buf[8..]).await?;
+    match unframe(&buf).map_err(io_err)? {
+        Some((payload, _)) => Ok(Some(payload.to_vec())),
+        None => Err(io_err("short frame")),
+    }
+}
+
+/// Builds clients to the other voters.
+#[derive(Debug, Clone, Default)]
+pub struct TcpNetworkFactory;
+
+impl RaftNetworkFactory<TypeConfig> for TcpNetworkFactory {
+    type Network = TcpClient;
+
+    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> TcpClient {
+        TcpClient {
+            target,
+            addr: node.addr.clone(),
+            conn: None,
+        }
+    }
+}
+
+/// A client to one voter; keeps its connection until an error or deadline drops it.
+pub struct TcpClient {
+    target: NodeId,
+    addr: String,
+    conn: Option<TcpStream>,
+}
+
+enum CallError {
+    Unreachable(io::Error),
+    Network(io::Error),
+}
+
+impl TcpClient {
+    async fn call(
+        &mut self,
+        req: &RpcRequest,
+        deadline: Duration,
+    ) -> Result<RpcResponse, CallError> {
+        let bytes = postcard::to_stdvec(req).map_err(|e| CallError::Network(io_err(e)))?;
+        let exchange = async {
+            let mut stream = match self.conn.take() {
+                Some(s) => s,
+                None => {
+                    let s = TcpStream::connect(&self.addr)
+                        .await
+                        .map_err(CallError::Unreachable)?;
+                    s.set_nodelay(true).map_err(CallError::Network)?;
+                    s
+                }
+            };
+            write_frame(&mut stream, &bytes)
+                .await
+                .map_err(CallError::Network)?;
+            let reply = read_frame(&mut stream)
+                .await
+                .map_err(CallError::Network)?
+                .ok_or_else(|| CallError::Network(io_err("connection closed before the reply")))?;
+            let resp: RpcResponse =
+                postcard::from_bytes(&reply).map_err(|e| CallError::Network(io_err(e)))?;
+            self.conn = Some(stream);
+            Ok(resp)
+        };
+        match timeout(deadline, exchange).await {
+            Ok(r) => r,
+            Err(_) => Err(CallError::Network(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("rpc to node {} timed out", self.target),
+            ))),
+        }
+    }
+}
+
+fn to_rpc_error<E: std::error::Error>(e: CallError) -> RPCError<NodeId, BasicNode, E> {
+    match e {
+        CallError::Unreachable(e) => RPCError::Unreachable(Unreachable::new(&e)),
+        CallError::Network(e) => RPCError::Network(NetworkError::new(&e)),
+    }
+}
+
+fn unexpected<E: std::error::Error>(resp: RpcResponse) -> RPCError<NodeId, BasicNode, E> {
+    let msg = match resp {
+        RpcResponse::Error(m) => m,
+        other => format!("unexpected reply {other:?}"),
+    };
+    RPCError::Network(NetworkError::new(&io_err(msg)))
+}
+
+impl RaftNetwork<TypeConfig> for TcpClient {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        match self
+            .call(&RpcRequest::AppendEntries(rpc), option.hard_ttl())
+            .await
+        {
+            Ok(RpcResponse::AppendEntries(r)) => Ok(r),
+            Ok(other) => Err(unexpected(other)),
+            Err(e) => Err(to_rpc_error(e)),
+        }
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<
+        InstallSnapshotResponse<NodeId>,
+        RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>,
+    > {
+        match self
+            .call(&RpcRequest::InstallSnapshot(rpc), option.hard_ttl())
+            .await
+        {
+            Ok(RpcResponse::InstallSnapshot(r)) => Ok(r),
+            Ok(other) => Err(unexpected(other)),
+            Err(e) => Err(to_rpc_error(e)),
+        }
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        match self.call(&RpcRequest::Vote(rpc), option.hard_ttl()).await {
+            Ok(RpcResponse::Vote(r)) => Ok(r),
+            Ok(other) => Err(unexpected(other)),
+            Err(e) => Err(to_rpc_error(e)),
+        }
+    }
+}
+
+/// Serves Raft RPCs from the other voters until the task is aborted.
+pub async fn serve(listener: TcpListener, raft: Raft) {
+    let limit = Arc::new(Semaphore::new(CONNECTIONS_MAX));
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            // Out of descriptors or a connection reset before accept: the listener is still
+            // good, so back off briefly instead of ending the server.
+            Err(e) => {
+                tracing::warn!(error = %e, "raft accept failed");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+                continue;
+            }
+        };
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, "raft connection limit reached; closing");
+            continue;
+        };
+        let raft = raft.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            if let Err(e) = serve_connection(stream, raft).await {
+                tracing::debug!(%peer, error = %e, "raft connection closed");
+            }
+        });
+    }
+}
+
+async fn serve_connection(mut stream: TcpStream, raft: Raft) -> io::Result<()> {
+    stream.set_nodelay(true)?;
+    loop {
+        let payload = match timeout(IDLE_TIMEOUT, read_frame(&mut stream)).await {
+            Err(_) | Ok(Ok(None)) => return Ok(()),
+            Ok(Err(e)) => return Err(e),
+            Ok(Ok(Some(p))) => p,
+        };
+        // A request that does not decode ends this connection only; the node serves on.
+        let req: RpcRequest = postcard::from_bytes(&payload).map_err(io_err)?;
+        let resp = match req {
+            RpcRequest::AppendEntries(r) => match raft.append_entries(r).await {
+                Ok(r) => RpcResponse::AppendEntries(r),
+                Err(e) => RpcResponse::Error(e.to_string()),
+            },
+            RpcRequest::Vote(r) => match raft.vote(r).await {
+                Ok(r) => RpcResponse::Vote(r),
+                Err(e) => RpcResponse::Error(e.to_string()),
+            },
+            RpcRequest::InstallSnapshot(r) => match raft.install_snapshot(r).await {
+                Ok(r) => RpcResponse::InstallSnapshot(r),
+                Err(e) => RpcResponse::Error(e.to_string()),
+            },
+        };
+        let bytes = postcard::to_stdvec(&resp).map_err(io_err)?;
+        timeout(REPLY_DEADLINE, write_frame(&mut stream, &bytes))
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "reply deadline"))??;
+    }
+}
