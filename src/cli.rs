@@ -21,6 +21,8 @@ pub enum Command {
     Up(UpArgs),
     /// Serve the volumes of one site over NBD.
     Serve(ServeArgs),
+    /// Run one site of a stretched volume: replication to the peer site plus NBD.
+    Site(SiteArgs),
     /// Create, list, grow or delete volumes in a data directory.
     #[command(subcommand)]
     Volume(VolumeCommand),
@@ -50,6 +52,48 @@ pub struct ServeArgs {
     /// Use the page cache for volume data instead of O_DIRECT (FLUSH/FUA still fdatasync).
     #[arg(long)]
     pub buffered_io: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct SiteArgs {
+    /// TOML config file with a [replication] section (see src/config.rs); flags override it.
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+    /// This site: a or b.
+    #[arg(long)]
+    pub site: Option<String>,
+    /// Cluster id; both sites must agree (frames of another cluster are refused).
+    #[arg(long)]
+    pub cluster_id: Option<u64>,
+    /// Accept the replication link on this address (one site listens...).
+    #[arg(long)]
+    pub repl_listen: Option<std::net::SocketAddr>,
+    /// ...and the other dials the peer (or a link emulator in front of it) here.
+    #[arg(long)]
+    pub peer: Option<std::net::SocketAddr>,
+    /// Data directory (required without --config).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// The replicated volume's name, the same at both sites (default: the config's only
+    /// [[volume]], else vol0).
+    #[arg(long)]
+    pub volume: Option<String>,
+    /// Size to create the volume with if it does not exist (the same at both sites).
+    #[arg(long)]
+    pub size: Option<String>,
+    /// NBD listen address (repeatable; port 0 picks one; default: the config's, else
+    /// 127.0.0.1:10809).
+    #[arg(long)]
+    pub listen: Vec<std::net::SocketAddr>,
+    /// I/O engine: auto, uring or psync.
+    #[arg(long)]
+    pub io_engine: Option<String>,
+    /// Use the page cache for volume data instead of O_DIRECT.
+    #[arg(long)]
+    pub buffered_io: bool,
+    /// A request replication has not answered by then fails with EIO (outcome unknown).
+    #[arg(long)]
+    pub request_timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Args)]

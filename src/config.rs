@@ -20,6 +20,13 @@
 //! name = "vm-disk-1"
 //! size = "20GiB"              # created at start if missing
 //! read_only = false
+//!
+//! [replication]               # `stretch site` only; `stretch serve` ignores it
+//! site = "a"                  # a | b
+//! cluster_id = 7              # the same at both sites
+//! listen = "0.0.0.0:10900"    # this site accepts the link... (or)
+//! # peer = "10.0.0.2:10900"   # ...this site dials it
+//! request_timeout_ms = 60000
 //! ```
 
 use std::net::SocketAddr;
@@ -41,6 +48,32 @@ pub struct Config {
     /// Volumes to export; when empty, every volume found in `data_dir` is exported.
     #[serde(default, rename = "volume")]
     pub volumes: Vec<VolumeConfig>,
+    /// Replication to the peer site (`stretch site`); `stretch serve` ignores it.
+    #[serde(default)]
+    pub replication: Option<ReplicationConfig>,
+}
+
+/// `[replication]`: one site of a stretched volume.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicationConfig {
+    /// This site: "a" or "b".
+    pub site: String,
+    /// The same at both sites; frames of another cluster are refused.
+    pub cluster_id: u64,
+    /// This site accepts the replication link here (exactly one of `listen` and `peer`).
+    #[serde(default)]
+    pub listen: Option<SocketAddr>,
+    /// This site dials the peer (or a link emulator in front of it) here.
+    #[serde(default)]
+    pub peer: Option<SocketAddr>,
+    /// A request replication has not answered by then fails with EIO (outcome unknown).
+    #[serde(default = "default_request_timeout_ms")]
+    pub request_timeout_ms: u64,
+}
+
+fn default_request_timeout_ms() -> u64 {
+    60_000
 }
 
 /// The NBD listener.
@@ -144,10 +177,22 @@ impl Config {
             nbd: NbdConfig::default(),
             engine: EngineConfig::default(),
             volumes: Vec::new(),
+            replication: None,
         }
     }
 
     fn validate(&self) -> anyhow::Result<()> {
+        if let Some(r) = &self.replication {
+            if !matches!(r.site.as_str(), "a" | "b") {
+                bail!(
+                    "[replication] site must be \"a\" or \"b\", not {:?}",
+                    r.site
+                );
+            }
+            if r.listen.is_some() == r.peer.is_some() {
+                bail!("[replication] needs exactly one of `listen` (this site accepts the link) and `peer` (this site dials it)");
+            }
+        }
         if self.nbd.listen.is_empty() && self.nbd.unix_socket.is_none() {
             bail!("[nbd] needs at least one `listen` address or a `unix_socket`");
         }
@@ -263,6 +308,28 @@ mod tests {
         assert!(c.volumes[1].read_only);
         assert_eq!(c.engine.io_engine, "psync");
         assert_eq!(c.nbd.handshake_timeout_ms, 10_000);
+    }
+
+    #[test]
+    fn replication_section_parses_and_is_checked() {
+        let c = Config::parse(
+            "data_dir = \"/x\"\n[replication]\nsite = \"b\"\ncluster_id = 7\npeer = \"127.0.0.1:10900\"\n",
+        )
+        .unwrap();
+        let r = c.replication.unwrap();
+        assert_eq!((r.site.as_str(), r.cluster_id), ("b", 7));
+        assert_eq!(r.request_timeout_ms, 60_000);
+        assert!(r.listen.is_none());
+        let both = Config::parse(
+            "data_dir = \"/x\"\n[replication]\nsite = \"a\"\ncluster_id = 7\npeer = \"127.0.0.1:1\"\nlisten = \"127.0.0.1:2\"\n",
+        )
+        .unwrap_err();
+        assert!(format!("{both:#}").contains("exactly one"), "{both:#}");
+        let bad_site = Config::parse(
+            "data_dir = \"/x\"\n[replication]\nsite = \"c\"\ncluster_id = 7\npeer = \"127.0.0.1:1\"\n",
+        )
+        .unwrap_err();
+        assert!(format!("{bad_site:#}").contains("site"), "{bad_site:#}");
     }
 
     #[test]

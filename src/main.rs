@@ -3,6 +3,7 @@
 mod cli;
 mod config;
 mod serve;
+mod site;
 mod up;
 mod volume;
 
@@ -33,6 +34,7 @@ fn main() -> std::process::ExitCode {
         match cli.command {
             cli::Command::Up(args) => up::run(args).await,
             cli::Command::Serve(args) => serve::run(args).await,
+            cli::Command::Site(args) => site::run(args).await,
             cli::Command::Volume(cmd) => volume::run(cmd),
             cli::Command::Link(args) => stretch_bench::run_link(args).await,
             cli::Command::Bench(args) => stretch_bench::run_bench(args).await,

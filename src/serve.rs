@@ -78,6 +78,7 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
         .map_err(|err| anyhow::anyhow!("[engine] io_engine: {err}"))?;
     let volume_config = VolumeConfig {
         io_engine,
+        direct_io: config.engine.direct_io,
         ..VolumeConfig::default()
     };
     std::fs::create_dir_all(&config.data_dir)

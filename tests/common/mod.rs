@@ -43,6 +43,8 @@ pub fn have_tool(tool: &str, test: &str) -> bool {
 pub struct Site {
     pub child: Child,
     pub uris: Vec<String>,
+    /// The replication listen address a listening `stretch site` printed.
+    pub repl: Option<String>,
     pub data_dir: PathBuf,
     stdout_lines: mpsc::Receiver<String>,
 }
@@ -50,16 +52,31 @@ pub struct Site {
 impl Site {
     /// Starts `stretch serve` with `extra` arguments and waits until it prints its URIs.
     pub fn serve(data_dir: &Path, extra: &[&str]) -> Site {
-        let mut child = Command::new(stretch_bin())
-            .arg("serve")
+        let mut cmd = Command::new(stretch_bin());
+        cmd.arg("serve")
             .arg("--data-dir")
             .arg(data_dir)
             .args(["--listen", "127.0.0.1:0"])
-            .args(extra)
+            .args(extra);
+        Site::spawn(cmd, data_dir, "stretch serve")
+    }
+
+    /// Starts `stretch site --data-dir DATA_DIR ARGS` and waits until it prints its URIs
+    /// (and, for the listening site, its `repl://` address first).
+    pub fn stretch_site(data_dir: &Path, args: &[&str]) -> Site {
+        let mut cmd = Command::new(stretch_bin());
+        cmd.arg("site").arg("--data-dir").arg(data_dir).args(args);
+        Site::spawn(cmd, data_dir, "stretch site")
+    }
+
+    /// Spawns a daemon and collects the `nbd://`, `nbd+unix://` and `repl://` lines it prints
+    /// once listening.
+    fn spawn(mut cmd: Command, data_dir: &Path, what: &str) -> Site {
+        let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
-            .expect("spawn stretch serve");
+            .unwrap_or_else(|e| panic!("spawn {what}: {e}"));
         let stdout = child.stdout.take().expect("stdout is piped");
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
@@ -70,6 +87,7 @@ impl Site {
             }
         });
         let mut uris = Vec::new();
+        let mut repl = None;
         let deadline = Instant::now() + Duration::from_secs(30);
         // The server prints every URI at once after binding; the first line proves it listens,
         // and a short quiet period collects the rest.
@@ -83,26 +101,27 @@ impl Site {
                 Ok(line) if line.starts_with("nbd://") || line.starts_with("nbd+unix://") => {
                     uris.push(line)
                 }
+                Ok(line) if line.starts_with("repl://") => {
+                    repl = Some(line["repl://".len()..].to_string())
+                }
                 Ok(_) => {}
                 Err(mpsc::RecvTimeoutError::Timeout) if !uris.is_empty() => break,
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     if let Ok(Some(status)) = child.try_wait() {
-                        panic!("stretch serve exited early with {status}");
+                        panic!("{what} exited early with {status}");
                     }
                 }
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    let status = child.wait().expect("wait for stretch serve");
-                    panic!("stretch serve exited before printing URIs: {status}");
+                    let status = child.wait().expect("wait for the daemon");
+                    panic!("{what} exited before printing URIs: {status}");
                 }
             }
         }
-        assert!(
-            !uris.is_empty(),
-            "stretch serve printed no NBD URI within 30 s"
-        );
+        assert!(!uris.is_empty(), "{what} printed no NBD URI within 30 s");
         Site {
             child,
             uris,
+            repl,
             data_dir: data_dir.to_path_buf(),
             stdout_lines: rx,
         }
@@ -117,6 +136,12 @@ impl Site {
             .clone()
     }
 
+    /// Kills the process with SIGKILL (a crash: no flush, no goodbye) and reaps it.
+    pub fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Sends SIGTERM and waits for a clean exit.
     pub fn stop(mut self) -> std::process::ExitStatus {
         // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
@@ -125,12 +150,12 @@ impl Site {
         }
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Some(status) = self.child.try_wait().expect("wait for stretch serve") {
+            if let Some(status) = self.child.try_wait().expect("wait for the daemon") {
                 return status;
             }
             assert!(
                 Instant::now() < deadline,
-                "stretch serve did not stop within 30 s of SIGTERM"
+                "the daemon did not stop within 30 s of SIGTERM"
             );
             std::thread::sleep(Duration::from_millis(20));
         }

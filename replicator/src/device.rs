@@ -1,0 +1,365 @@
+//! [`ReplicatedVolume`]: a [`BlockDevice`] whose writes are replicated to the peer site under
+//! the `sync` policy (DESIGN.md §4, §5). The NBD server serves it like a local volume.
+//!
+//! Every request becomes a client event for the replica thread ([`crate::driver`]) and its
+//! reply waits for the core's answer:
+//! - **write / trim / write_zeroes** reply once the core acknowledges them: applied at both
+//!   sites (or at this site alone if it is the survivor of a detach). Because the driver
+//!   commits each batch durably before it lets acks out, at both sites, an acknowledged
+//!   mutation is also durable at both; **FUA** therefore needs nothing more.
+//! - **read** is served locally, waiting while a covered block has a write still waiting for
+//!   the peer (§4 "Reads"). A block that fails its checksum gives EIO (repair from the peer is
+//!   not wired yet).
+//! - **flush** flushes the local volume. Every acknowledged mutation is already durable at
+//!   both sites (above), so after a FLUSH reply every write completed before it survives the
+//!   power loss of both sites (§7 invariant 2).
+//! - **block_status** reports the local volume's allocation; while in sync, the peer's is the
+//!   same for every settled block.
+//! - WRITE_ZEROES always punches a hole, even with NO_HOLE (the replicated zero is a stamped
+//!   tombstone, the same at both sites); NO_HOLE is a hint in the NBD protocol, and reads of
+//!   the range return zeroes either way.
+//!
+//! Back-pressure: a request holds a permit while it is with the core. There are as many
+//! mutation permits as the core's admission queue holds, so the core never answers `Busy`;
+//! beyond, NBD requests wait here, the NBD server stops reading its socket, and the pressure
+//! reaches the client. Requests longer than the core's frame limit (32 MiB) are split.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot, Semaphore};
+
+use stretch_engine::{
+    AlignedBuf, BlockDevice, BlockError, Extent, Volume, ZeroFlags, BLOCK_SIZE, REQUEST_BYTES_MAX,
+};
+
+use crate::core::{ClientError, ClientOpId, Config, Event, MapView};
+use crate::driver::{self, Clock, DriverConfig, DriverStats, Input, Reply};
+use crate::link::{self, LinkConfig, LinkMode, LinkStats};
+use crate::store::EngineStore;
+
+const BLOCK_BYTES: u64 = BLOCK_SIZE as u64;
+/// The largest piece of one request sent to the core (the frame body limit).
+const PIECE_BYTES_MAX: u64 = REQUEST_BYTES_MAX as u64;
+
+/// Options of a replicated volume besides the core's [`Config`].
+#[derive(Clone, Debug)]
+pub struct ReplicatedOptions {
+    pub driver: DriverConfig,
+    pub link: LinkConfig,
+    /// Inputs queued for the replica thread (client requests, frames, ticks).
+    pub inputs_max: usize,
+    /// How often the replica gets a Tick (heartbeats, retransmissions).
+    pub tick_interval_ms: u64,
+    /// A request the core has not answered by then fails with EIO (outcome unknown). While
+    /// the peer is unreachable and no witness can detach it, writes wait for it: this bounds
+    /// the wait a client sees.
+    pub request_timeout_ms: u64,
+}
+
+impl ReplicatedOptions {
+    pub fn new(driver: DriverConfig, link: LinkConfig) -> ReplicatedOptions {
+        ReplicatedOptions {
+            driver,
+            link,
+            inputs_max: 1024,
+            tick_interval_ms: 5,
+            request_timeout_ms: 60_000,
+        }
+    }
+}
+
+/// A volume replicated to the peer site; see the module documentation.
+pub struct ReplicatedVolume {
+    volume: Arc<Volume>,
+    inputs: mpsc::Sender<Input>,
+    mutation_permits: Semaphore,
+    read_permits: Semaphore,
+    next_id: AtomicU64,
+    request_timeout: Duration,
+    driver_stats: Arc<Mutex<DriverStats>>,
+    link_stats: Arc<Mutex<LinkStats>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl ReplicatedVolume {
+    /// Starts replication of `volume`: the replica thread, the link task and the ticker. Call
+    /// from inside a tokio runtime. The volume must not be mutated by anyone else afterwards
+    /// (the apply rule relies on the replica thread being its only writer; see
+    /// [`crate::store`]).
+    pub fn start(
+        volume: Arc<Volume>,
+        cfg: Config,
+        map: MapView,
+        mode: LinkMode,
+        options: ReplicatedOptions,
+    ) -> Result<ReplicatedVolume, String> {
+        let handle = tokio::runtime::Handle::current();
+        let store = EngineStore::open(volume.clone(), handle)?;
+        let (inputs_tx, inputs_rx) = mpsc::channel(options.inputs_max.max(1));
+        let (outbound, outbound_rx) = driver::outbound_queue(
+            options.driver.outbound_frames_max,
+            options.driver.outbound_bytes_max,
+        );
+        let driver_stats = Arc::new(Mutex::new(DriverStats::default()));
+        let link_stats = Arc::new(Mutex::new(LinkStats::default()));
+        let mutation_permits = Semaphore::new(cfg.admission_queue_max.max(1));
+        let read_permits = Semaphore::new(cfg.reads_waiting_max.max(1));
+        driver::spawn(
+            cfg,
+            map,
+            store,
+            options.driver.clone(),
+            driver::Plumbing {
+                inputs: inputs_rx,
+                outbound,
+                stats: driver_stats.clone(),
+            },
+            Clock::new(),
+        )
+        .map_err(|e| format!("start the replica thread: {e}"))?;
+        let link_task = tokio::spawn(link::run(
+            mode,
+            options.link.clone(),
+            inputs_tx.clone(),
+            outbound_rx,
+            link_stats.clone(),
+        ));
+        let ticker_inputs = inputs_tx.clone();
+        let tick = Duration::from_millis(options.tick_interval_ms.max(1));
+        let ticker = tokio::spawn(async move {
+            let mut interval = tokio::time::interval(tick);
+            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            loop {
+                interval.tick().await;
+                if ticker_inputs.send(Input::Peer(Event::Tick)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(ReplicatedVolume {
+            volume,
+            inputs: inputs_tx,
+            mutation_permits,
+            read_permits,
+            next_id: AtomicU64::new(1),
+            request_timeout: Duration::from_millis(options.request_timeout_ms),
+            driver_stats,
+            link_stats,
+            tasks: vec![link_task, ticker],
+        })
+    }
+
+    pub fn driver_stats(&self) -> DriverStats {
+        self.driver_stats.lock().map(|s| *s).unwrap_or_default()
+    }
+
+    pub fn link_stats(&self) -> LinkStats {
+        self.link_stats.lock().map(|s| *s).unwrap_or_default()
+    }
+
+    /// The local volume (for its name and paths).
+    pub fn volume(&self) -> &Arc<Volume> {
+        &self.volume
+    }
+
+    async fn call(
+        &self,
+        permits: &Semaphore,
+        make: impl FnOnce(ClientOpId) -> Event,
+    ) -> Result<Reply, BlockError> {
+        let _permit = permits.acquire().await.map_err(|_| BlockError::Shutdown)?;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.inputs
+            .send(Input::Client {
+                event: make(id),
+                reply: tx,
+            })
+            .await
+            .map_err(|_| BlockError::Shutdown)?;
+        match tokio::time::timeout(self.request_timeout, rx).await {
+            Err(_) => Err(BlockError::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "replication did not answer in time; outcome unknown",
+            ))),
+            Ok(Err(_)) => Err(BlockError::Shutdown),
+            Ok(Ok(reply)) => Ok(reply),
+        }
+    }
+
+    async fn mutation(&self, make: impl FnOnce(ClientOpId) -> Event) -> Result<(), BlockError> {
+        match self.call(&self.mutation_permits, make).await? {
+            Reply::Done => Ok(()),
+            Reply::Data(_) => Err(BlockError::Io(std::io::Error::other(
+                "replica answered a mutation with data",
+            ))),
+            Reply::Failed(error) => Err(client_error(error)),
+        }
+    }
+
+    fn check_mutation(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+        if offset % BLOCK_BYTES != 0 || len % BLOCK_BYTES != 0 {
+            return Err(BlockError::Misaligned { offset, len });
+        }
+        self.check_range(offset, len)
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+        let size = self.volume.size_bytes();
+        match offset.checked_add(len) {
+            Some(end) if end <= size => Ok(()),
+            _ => Err(BlockError::OutOfRange { offset, len, size }),
+        }
+    }
+
+    /// TRIM and WRITE_ZEROES in pieces the core accepts.
+    async fn zero_range(&self, offset: u64, len: u64, trim: bool) -> Result<(), BlockError> {
+        self.check_mutation(offset, len)?;
+        if len > stretch_engine::ZERO_BYTES_MAX {
+            return Err(BlockError::TooLarge {
+                len,
+                max: stretch_engine::ZERO_BYTES_MAX,
+            });
+        }
+        let mut done = 0;
+        // Bounded: at most ZERO_BYTES_MAX / PIECE_BYTES_MAX = 128 pieces.
+        while done < len {
+            let piece = (len - done).min(PIECE_BYTES_MAX);
+            let lba = (offset + done) / BLOCK_BYTES;
+            let blocks = (piece / BLOCK_BYTES) as u32;
+            self.mutation(|id| {
+                if trim {
+                    Event::ClientTrim { id, lba, blocks }
+                } else {
+                    Event::ClientWriteZeroes { id, lba, blocks }
+                }
+            })
+            .await?;
+            done += piece;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for ReplicatedVolume {
+    fn drop(&mut self) {
+        // The replica thread ends once every input sender is gone: ours goes with self, and
+        // the link and ticker hold the others.
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+fn client_error(error: ClientError) -> BlockError {
+    match error {
+        ClientError::Io => BlockError::Io(std::io::Error::other(
+            "replication failed; this site may not serve (outcome unknown)",
+        )),
+        ClientError::Invalid => BlockError::Io(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "replica refused the request as invalid",
+        )),
+        ClientError::Busy => BlockError::Io(std::io::Error::other("replica queues are full")),
+    }
+}
+
+impl BlockDevice for ReplicatedVolume {
+    fn size_bytes(&self) -> u64 {
+        self.volume.size_bytes()
+    }
+
+    async fn read(&self, offset: u64, len: u32) -> Result<AlignedBuf, BlockError> {
+        if len > REQUEST_BYTES_MAX {
+            return Err(BlockError::TooLarge {
+                len: u64::from(len),
+                max: u64::from(REQUEST_BYTES_MAX),
+            });
+        }
+        let len64 = u64::from(len);
+        self.check_range(offset, len64)?;
+        if len == 0 {
+            return Ok(AlignedBuf::zeroed(0));
+        }
+        let first = offset / BLOCK_BYTES;
+        let end = (offset + len64).div_ceil(BLOCK_BYTES);
+        let mut data = Vec::with_capacity(((end - first) * BLOCK_BYTES) as usize);
+        let mut lba = first;
+        // Bounded: an unaligned read of 32 MiB spans at most two pieces.
+        while lba < end {
+            let blocks = (end - lba).min(PIECE_BYTES_MAX / BLOCK_BYTES);
+            let blocks32 = blocks as u32;
+            match self
+                .call(&self.read_permits, |id| Event::ClientRead {
+                    id,
+                    lba,
+                    blocks: blocks32,
+                })
+                .await?
+            {
+                Reply::Data(piece) if piece.len() as u64 == blocks * BLOCK_BYTES => {
+                    data.extend_from_slice(&piece)
+                }
+                Reply::Data(_) | Reply::Done => {
+                    return Err(BlockError::Io(std::io::Error::other(
+                        "replica answered a read with the wrong length",
+                    )))
+                }
+                Reply::Failed(error) => return Err(client_error(error)),
+            }
+            lba += blocks;
+        }
+        let skip = (offset - first * BLOCK_BYTES) as usize;
+        Ok(AlignedBuf::from_slice(&data[skip..skip + len as usize]))
+    }
+
+    async fn write(&self, offset: u64, data: AlignedBuf, _fua: bool) -> Result<(), BlockError> {
+        let len = data.len() as u64;
+        self.check_mutation(offset, len)?;
+        if len > u64::from(REQUEST_BYTES_MAX) {
+            return Err(BlockError::TooLarge {
+                len,
+                max: u64::from(REQUEST_BYTES_MAX),
+            });
+        }
+        if len == 0 {
+            return Ok(());
+        }
+        // FUA needs nothing more: an acknowledged write is durable at both sites (module doc).
+        let lba = offset / BLOCK_BYTES;
+        let bytes = data.to_vec();
+        self.mutation(|id| Event::ClientWrite {
+            id,
+            lba,
+            data: bytes,
+        })
+        .await
+    }
+
+    async fn flush(&self) -> Result<(), BlockError> {
+        self.volume.flush().await
+    }
+
+    async fn trim(&self, offset: u64, len: u64, _fua: bool) -> Result<(), BlockError> {
+        self.zero_range(offset, len, true).await
+    }
+
+    async fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        _flags: ZeroFlags,
+    ) -> Result<(), BlockError> {
+        self.zero_range(offset, len, false).await
+    }
+
+    async fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>, BlockError> {
+        self.volume.block_status(offset, len).await
+    }
+}
+
+#[cfg(test)]
+#[path = "device_test.rs"]
+mod tests;

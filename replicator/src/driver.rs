@@ -1,0 +1,428 @@
+//! The replica thread: runs one [`Replica`] over an [`EngineStore`] for the real daemon.
+//!
+//! Everything that happens to the replica — client requests from the NBD side, frames and
+//! link changes from [`crate::link`], timer ticks — arrives as an [`Input`] on one bounded
+//! channel and is handled on one dedicated OS thread, in arrival order. The thread is not a
+//! tokio worker: the store waits for the engine there (see [`crate::store`]).
+//!
+//! Inputs are handled in batches (group commit): the thread steps the replica through every
+//! input already queued (up to [`DriverConfig::batch_inputs_max`]), then makes the batch's
+//! writes durable with one flush, and only then lets the batch's actions out — frames to the
+//! peer, acknowledgements to clients. So an ack of a write (to a client or to the peer) always
+//! means the write is durable at this site, and FLUSH has nothing left to do for acknowledged
+//! writes (see [`crate::device`]).
+//!
+//! The thread never blocks on the link: a frame that does not fit the bounded outbound queue,
+//! or is produced while the link is down, is dropped and counted. The core resends every
+//! unacknowledged write and copy on a timer and on link-up, and applying one twice is
+//! harmless under the apply rule, so a drop costs time, never data. Blocking here instead
+//! could deadlock two sites that each wait for the other to drain.
+
+use std::collections::{BTreeSet, HashMap};
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
+
+use crate::core::{
+    Action, ClientError, ClientOpId, Config, Counters, Event, MapView, Replica, Role,
+};
+use crate::frame::Kind;
+use crate::store::EngineStore;
+
+/// The replica's clock: wall-clock microseconds at start, advanced by a monotonic clock, so
+/// stamps are close to real time across restarts (the HLC needs that) while timers and RTT
+/// samples never see the wall clock jump.
+#[derive(Clone, Copy, Debug)]
+pub struct Clock {
+    wall_at_start_us: u64,
+    start: Instant,
+}
+
+impl Clock {
+    pub fn new() -> Clock {
+        let wall_at_start_us = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+            .unwrap_or(0);
+        Clock {
+            wall_at_start_us,
+            start: Instant::now(),
+        }
+    }
+
+    pub fn now_us(&self) -> u64 {
+        let elapsed_us = u64::try_from(self.start.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.wall_at_start_us.saturating_add(elapsed_us)
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Clock {
+        Clock::new()
+    }
+}
+
+/// The outcome of a client request, sent back to the waiting NBD request.
+#[derive(Debug)]
+pub enum Reply {
+    Done,
+    Data(Vec<u8>),
+    Failed(ClientError),
+}
+
+/// What the replica thread receives.
+pub enum Input {
+    /// A client request; its id is inside the event.
+    Client {
+        event: Event,
+        reply: oneshot::Sender<Reply>,
+    },
+    /// A frame from the peer, holding its share of the inbound byte budget until handled.
+    Frame {
+        event: Event,
+        _budget: Option<OwnedSemaphorePermit>,
+    },
+    /// LinkUp, LinkDown or Tick.
+    Peer(Event),
+}
+
+/// Limits of the replica thread.
+#[derive(Clone, Debug)]
+pub struct DriverConfig {
+    /// Inputs stepped before one group commit.
+    pub batch_inputs_max: usize,
+    /// Bytes of frames queued for the link writer; beyond, frames are dropped (and resent).
+    pub outbound_bytes_max: usize,
+    /// Frames queued for the link writer.
+    pub outbound_frames_max: usize,
+    /// How often regions with no dirty block left are cleared in the engine (each clear
+    /// flushes the volume, so not after every ack).
+    pub region_clear_interval_us: u64,
+    /// Where a loser's divergent blocks are appended (DESIGN.md §4 "Resync").
+    pub divergent_path: PathBuf,
+}
+
+impl DriverConfig {
+    pub fn new(divergent_path: PathBuf) -> DriverConfig {
+        DriverConfig {
+            batch_inputs_max: 256,
+            outbound_bytes_max: 128 * 1024 * 1024,
+            outbound_frames_max: 8192,
+            region_clear_interval_us: 1_000_000,
+            divergent_path,
+        }
+    }
+}
+
+/// Counters of the replica thread, for metrics, logs and tests.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DriverStats {
+    pub role: Option<Role>,
+    pub link_up: bool,
+    pub rtt_us_smoothed: Option<u64>,
+    pub replica: Counters,
+    pub frames_queued: u64,
+    pub frames_dropped_link_down: u64,
+    pub frames_dropped_queue_full: u64,
+    pub batches: u64,
+    pub regions_cleared: u64,
+    pub unreadable_blocks: u64,
+    /// Blocks dirty at this site (may differ from the peer); 0 when settled.
+    pub dirty_blocks: u64,
+    /// The replica stopped after an engine error; every request now fails with EIO.
+    pub failed: bool,
+}
+
+/// The sending half of the bounded outbound queue (replica thread -> link writer).
+#[derive(Clone)]
+pub struct Outbound {
+    pub(crate) tx: mpsc::Sender<Vec<u8>>,
+    pub(crate) queued_bytes: Arc<AtomicUsize>,
+    bytes_max: usize,
+}
+
+/// The receiving half, owned by the link task across connections.
+pub struct OutboundRx {
+    pub(crate) rx: mpsc::Receiver<Vec<u8>>,
+    pub(crate) queued_bytes: Arc<AtomicUsize>,
+}
+
+pub fn outbound_queue(frames_max: usize, bytes_max: usize) -> (Outbound, OutboundRx) {
+    let (tx, rx) = mpsc::channel(frames_max.max(1));
+    let queued_bytes = Arc::new(AtomicUsize::new(0));
+    (
+        Outbound {
+            tx,
+            queued_bytes: queued_bytes.clone(),
+            bytes_max,
+        },
+        OutboundRx { rx, queued_bytes },
+    )
+}
+
+impl Outbound {
+    /// Queues `bytes` without waiting; false if the queue is full.
+    fn try_push(&self, bytes: Vec<u8>) -> bool {
+        let len = bytes.len();
+        if self.queued_bytes.load(Ordering::SeqCst) + len > self.bytes_max {
+            return false;
+        }
+        self.queued_bytes.fetch_add(len, Ordering::SeqCst);
+        if self.tx.try_send(bytes).is_err() {
+            self.queued_bytes.fetch_sub(len, Ordering::SeqCst);
+            return false;
+        }
+        true
+    }
+}
+
+struct PendingOp {
+    reply: oneshot::Sender<Reply>,
+    /// For reads: the blocks read, to fail the read if one of them was unreadable.
+    read_blocks: Option<(u64, u32)>,
+}
+
+fn client_op(event: &Event) -> Option<(ClientOpId, Option<(u64, u32)>)> {
+    match event {
+        Event::ClientWrite { id, .. }
+        | Event::ClientTrim { id, .. }
+        | Event::ClientWriteZeroes { id, .. } => Some((*id, None)),
+        Event::ClientRead { id, lba, blocks } => Some((*id, Some((*lba, *blocks)))),
+        _ => None,
+    }
+}
+
+/// The channels a replica thread is wired to.
+pub struct Plumbing {
+    pub inputs: mpsc::Receiver<Input>,
+    pub outbound: Outbound,
+    pub stats: Arc<Mutex<DriverStats>>,
+}
+
+/// Starts the replica thread. It runs until every sender of `plumbing.inputs` is dropped.
+pub fn spawn(
+    cfg: Config,
+    map: MapView,
+    store: EngineStore,
+    driver: DriverConfig,
+    plumbing: Plumbing,
+    clock: Clock,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    let Plumbing {
+        inputs,
+        outbound,
+        stats,
+    } = plumbing;
+    std::thread::Builder::new()
+        .name(format!("replica-{}", cfg.volume_id))
+        .spawn(move || {
+            ReplicaThread {
+                store,
+                driver,
+                outbound,
+                stats,
+                clock,
+                pending: HashMap::new(),
+                link_up: false,
+                local: DriverStats::default(),
+            }
+            .run(cfg, map, inputs)
+        })
+}
+
+struct ReplicaThread {
+    store: EngineStore,
+    driver: DriverConfig,
+    outbound: Outbound,
+    stats: Arc<Mutex<DriverStats>>,
+    clock: Clock,
+    pending: HashMap<ClientOpId, PendingOp>,
+    link_up: bool,
+    local: DriverStats,
+}
+
+impl ReplicaThread {
+    fn run(mut self, cfg: Config, map: MapView, mut inputs: mpsc::Receiver<Input>) {
+        let mut replica = Replica::start(cfg, self.clock.now_us(), map, &mut self.store);
+        let mut step_out = Vec::new();
+        // (action, whether the link was up when the core produced it)
+        let mut actions: Vec<(Action, bool)> = Vec::new();
+        let mut last_region_clear_us = self.clock.now_us();
+        self.publish(&replica);
+        while self.store.failure().is_none() {
+            let Some(first) = inputs.blocking_recv() else {
+                return;
+            };
+            let mut batch = vec![first];
+            while batch.len() < self.driver.batch_inputs_max {
+                match inputs.try_recv() {
+                    Ok(input) => batch.push(input),
+                    Err(_) => break,
+                }
+            }
+            for input in batch {
+                let event = match input {
+                    Input::Client { event, reply } => {
+                        let Some((id, read_blocks)) = client_op(&event) else {
+                            continue;
+                        };
+                        self.pending.insert(id, PendingOp { reply, read_blocks });
+                        event
+                    }
+                    Input::Frame { event, .. } => event,
+                    Input::Peer(event) => {
+                        match event {
+                            Event::LinkUp => self.link_up = true,
+                            Event::LinkDown => self.link_up = false,
+                            _ => {}
+                        }
+                        event
+                    }
+                };
+                replica.step(self.clock.now_us(), event, &mut self.store, &mut step_out);
+                for action in step_out.drain(..) {
+                    // Heartbeats claim nothing about data, so they skip the group commit and
+                    // the batch's fsync does not inflate the RTT sample (time queued behind
+                    // other inputs of this thread still does).
+                    let heartbeat = matches!(
+                        &action,
+                        Action::SendFrame(f)
+                            if matches!(f.header.kind, Kind::Heartbeat | Kind::HeartbeatEcho)
+                    );
+                    if heartbeat {
+                        self.dispatch(action, self.link_up, &BTreeSet::new());
+                    } else {
+                        actions.push((action, self.link_up));
+                    }
+                }
+                if self.store.failure().is_some() {
+                    break;
+                }
+            }
+            // Group commit: everything applied in this batch is durable before any action
+            // reports it.
+            self.store.sync();
+            if self.store.failure().is_some() {
+                break;
+            }
+            let unreadable = self.store.take_unreadable();
+            self.local.unreadable_blocks += unreadable.len() as u64;
+            for (action, link_up) in actions.drain(..) {
+                self.dispatch(action, link_up, &unreadable);
+            }
+            let now_us = self.clock.now_us();
+            if now_us.saturating_sub(last_region_clear_us) >= self.driver.region_clear_interval_us {
+                last_region_clear_us = now_us;
+                self.local.regions_cleared += self.store.clear_clean_regions() as u64;
+            }
+            self.local.batches += 1;
+            self.publish(&replica);
+        }
+        // Fail-stop: the engine failed, so nothing this replica decided after the failure may
+        // leave, and every request from now on fails with EIO. A restart recovers from disk.
+        self.local.failed = true;
+        self.publish(&replica);
+        for (_, op) in self.pending.drain() {
+            let _ = op.reply.send(Reply::Failed(ClientError::Io));
+        }
+        // Bounded by the senders: the loop ends when the device and the link drop theirs.
+        while let Some(input) = inputs.blocking_recv() {
+            if let Input::Client { reply, .. } = input {
+                let _ = reply.send(Reply::Failed(ClientError::Io));
+            }
+        }
+    }
+
+    fn dispatch(&mut self, action: Action, link_up: bool, unreadable: &BTreeSet<u64>) {
+        match action {
+            Action::SendFrame(frame) => {
+                if frame.header.kind == Kind::ResyncBlock && unreadable.contains(&frame.header.lba)
+                {
+                    // Never send a block that failed its checksum; the core resends the copy
+                    // later, by when the peer's own resend may have repaired it.
+                    return;
+                }
+                if !link_up {
+                    self.local.frames_dropped_link_down += 1;
+                } else if self.outbound.try_push(frame.encode()) {
+                    self.local.frames_queued += 1;
+                } else {
+                    self.local.frames_dropped_queue_full += 1;
+                }
+            }
+            Action::AckClient { id, .. } => self.reply(id, Reply::Done),
+            Action::ReadDone { id, data, .. } => {
+                let bad = self
+                    .pending
+                    .get(&id)
+                    .and_then(|op| op.read_blocks)
+                    .is_some_and(|(lba, blocks)| {
+                        unreadable
+                            .range(lba..lba + u64::from(blocks))
+                            .next()
+                            .is_some()
+                    });
+                if bad {
+                    self.reply(id, Reply::Failed(ClientError::Io));
+                } else {
+                    self.reply(id, Reply::Data(data));
+                }
+            }
+            Action::FailClient { id, error } => self.reply(id, Reply::Failed(error)),
+            Action::SaveDivergent { lba, data, stamp } => {
+                if unreadable.contains(&lba) {
+                    tracing::warn!(lba, "divergent block unreadable; not saved");
+                } else if let Err(err) = self.save_divergent(lba, &data, stamp) {
+                    tracing::error!(lba, "cannot save a divergent block: {err}");
+                }
+            }
+            Action::ResyncComplete { epoch } => {
+                tracing::info!(
+                    epoch,
+                    "resync complete; the control plane may commit rejoin"
+                );
+            }
+        }
+    }
+
+    fn reply(&mut self, id: ClientOpId, reply: Reply) {
+        if let Some(op) = self.pending.remove(&id) {
+            // The request may have timed out and gone; nothing is waiting then.
+            let _ = op.reply.send(reply);
+        }
+    }
+
+    /// Appends `lba (u64 LE) | stamp (16) | data (4096)` to the side file.
+    fn save_divergent(
+        &self,
+        lba: u64,
+        data: &[u8],
+        stamp: stretch_engine::Stamp,
+    ) -> std::io::Result<()> {
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.driver.divergent_path)?;
+        let mut record = Vec::with_capacity(8 + 16 + data.len());
+        record.extend_from_slice(&lba.to_le_bytes());
+        record.extend_from_slice(&stamp.0);
+        record.extend_from_slice(data);
+        f.write_all(&record)?;
+        f.sync_data()
+    }
+
+    fn publish(&mut self, replica: &Replica) {
+        self.local.role = Some(replica.role());
+        self.local.link_up = self.link_up;
+        self.local.rtt_us_smoothed = replica.rtt_us_smoothed();
+        self.local.replica = replica.counters();
+        self.local.dirty_blocks = self.store.dirty_count();
+        if let Ok(mut stats) = self.stats.lock() {
+            *stats = self.local;
+        }
+    }
+}
