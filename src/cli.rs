@@ -98,12 +98,22 @@ pub struct SiteArgs {
 
 #[derive(Debug, Args)]
 pub struct UpArgs {
-    /// Data directory; default: a fresh directory under the system temp dir.
+    /// Data directory (site A and site B get a folder each); default: a fresh directory under
+    /// the system temp dir.
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
-    /// NBD listen address.
+    /// NBD listen address of site A.
     #[arg(long, default_value = "127.0.0.1:10809")]
     pub listen: std::net::SocketAddr,
+    /// NBD listen address of site B (another loopback address: another "site").
+    #[arg(long, default_value = "127.0.0.2:10809")]
+    pub listen_b: std::net::SocketAddr,
+    /// Round-trip time the link emulator adds between the sites.
+    #[arg(long, default_value = "5ms", value_parser = stretch_bench::units::parse_duration)]
+    pub rtt: std::time::Duration,
+    /// Where the link emulator serves its Toxiproxy-compatible admin API (`stretch link ...`).
+    #[arg(long, default_value = "127.0.0.1:8474")]
+    pub link_admin: String,
     /// Name of the volume to create.
     #[arg(long, default_value = "vol0")]
     pub volume: String,

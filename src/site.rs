@@ -30,18 +30,18 @@ use stretch_replicator::{ReplicatedOptions, ReplicatedVolume};
 const FIXED_EPOCH: u32 = 1;
 
 /// Everything `stretch site` runs with: the config file, overridden by flags.
-struct Settings {
-    site_name: String,
-    site: u8,
-    cluster_id: u64,
+pub(crate) struct Settings {
+    pub(crate) site_name: String,
+    pub(crate) site: u8,
+    pub(crate) cluster_id: u64,
     /// `Ok(listen)`: this site accepts the link; `Err(peer)`: it dials.
-    link: Result<SocketAddr, SocketAddr>,
-    data_dir: std::path::PathBuf,
-    volume: String,
-    size_bytes: Option<u64>,
-    nbd: crate::config::NbdConfig,
-    volume_config: VolumeConfig,
-    request_timeout_ms: u64,
+    pub(crate) link: Result<SocketAddr, SocketAddr>,
+    pub(crate) data_dir: std::path::PathBuf,
+    pub(crate) volume: String,
+    pub(crate) size_bytes: Option<u64>,
+    pub(crate) nbd: crate::config::NbdConfig,
+    pub(crate) volume_config: VolumeConfig,
+    pub(crate) request_timeout_ms: u64,
 }
 
 fn settings(args: SiteArgs) -> anyhow::Result<Settings> {
@@ -125,7 +125,48 @@ fn settings(args: SiteArgs) -> anyhow::Result<Settings> {
 }
 
 pub async fn run(args: SiteArgs) -> anyhow::Result<()> {
-    let s = settings(args)?;
+    let site = start(settings(args)?).await?;
+    if let Some(repl) = site.repl {
+        println!("repl://{repl}");
+    }
+    for uri in &site.uris {
+        println!("{uri}");
+    }
+    crate::serve::wait_for_shutdown_signal().await;
+    site.stop().await;
+    Ok(())
+}
+
+/// A running site: its replicated volume and NBD listeners.
+pub(crate) struct RunningSite {
+    server: Arc<Server<ReplicatedVolume>>,
+    device: Arc<ReplicatedVolume>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// Where this site accepts the replication link, if it is the listening side.
+    pub(crate) repl: Option<SocketAddr>,
+    /// One `nbd://ADDR/VOLUME` per NBD listener.
+    pub(crate) uris: Vec<String>,
+}
+
+impl RunningSite {
+    /// Stops accepting, lets in-flight requests finish, then returns.
+    pub(crate) async fn stop(self) {
+        info!("shutting down: finishing in-flight requests");
+        self.server.shutdown();
+        for task in self.tasks {
+            // A listener task that panicked has nothing left to finish; keep shutting down.
+            let _ = tokio::time::timeout(Duration::from_secs(30), task).await;
+        }
+        info!(
+            driver = ?self.device.driver_stats(),
+            link = ?self.device.link_stats(),
+            "site stopped"
+        );
+    }
+}
+
+/// Opens (or creates) the volume, starts replication and the NBD listeners.
+pub(crate) async fn start(s: Settings) -> anyhow::Result<RunningSite> {
     let (dir, name, size_bytes, volume_config) = (
         s.data_dir.clone(),
         s.volume.clone(),
@@ -158,6 +199,7 @@ pub async fn run(args: SiteArgs) -> anyhow::Result<()> {
         LinkConfig::new(s.cluster_id),
     );
     options.request_timeout_ms = s.request_timeout_ms;
+    let mut repl = None;
     let mode = match s.link {
         Ok(listen) => {
             let listener = tokio::net::TcpListener::bind(listen)
@@ -166,7 +208,7 @@ pub async fn run(args: SiteArgs) -> anyhow::Result<()> {
             let local = listener
                 .local_addr()
                 .context("read the replication listen address")?;
-            println!("repl://{local}");
+            repl = Some(local);
             LinkMode::Listen(listener)
         }
         Err(peer) => LinkMode::Dial(peer),
@@ -214,23 +256,13 @@ pub async fn run(args: SiteArgs) -> anyhow::Result<()> {
             }
         }));
     }
-    for uri in &uris {
-        println!("{uri}");
-    }
-
-    crate::serve::wait_for_shutdown_signal().await;
-    info!("shutting down: finishing in-flight requests");
-    server.shutdown();
-    for task in tasks {
-        // A listener task that panicked has nothing left to finish; keep shutting down.
-        let _ = tokio::time::timeout(Duration::from_secs(30), task).await;
-    }
-    info!(
-        driver = ?device.driver_stats(),
-        link = ?device.link_stats(),
-        "site stopped"
-    );
-    Ok(())
+    Ok(RunningSite {
+        server,
+        device,
+        tasks,
+        repl,
+        uris,
+    })
 }
 
 fn open_or_create(
