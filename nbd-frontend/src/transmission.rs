@@ -28,6 +28,10 @@ const EXTENTS_MAX: usize = 8192;
 /// The largest extent length that fits the 32-bit field and stays block-aligned.
 const EXTENT_BYTES_MAX: u64 = 0xFFFF_F000;
 
+/// Requests up to this size are polled once by the reader before (if still pending) getting
+/// their own task.
+const INLINE_POLL_BYTES_MAX: u32 = 128 * 1024;
+
 /// One reply, written to the socket in one piece.
 struct Outgoing {
     parts: Vec<Part>,
@@ -172,13 +176,27 @@ where
         } else {
             None
         };
+        let inline = req.len <= INLINE_POLL_BYTES_MAX;
         let ctx = ctx.clone();
         let tx = tx.clone();
-        tokio::spawn(async move {
+        let mut task = Box::pin(async move {
             let out = execute(&ctx, req, payload, permits).await;
             // A send error means the writer is gone (socket dead); nothing left to tell.
+            // (The request permit guarantees channel capacity, so this never waits.)
             let _ = tx.send(out).await;
         });
+        // Poll the request once right here: one that completes at once (a page-cache hit, an
+        // already-dirty region) then costs no task spawn and no wake-up. One that has to wait
+        // continues in its own task, so the reader goes on reading pipelined requests. Large
+        // requests (checksumming megabytes) go straight to a task, in parallel with the reader.
+        let finished = inline
+            && std::future::poll_fn(|cx| {
+                std::task::Poll::Ready(std::future::Future::poll(task.as_mut(), cx).is_ready())
+            })
+            .await;
+        if !finished {
+            tokio::spawn(task);
+        }
     };
     // In-flight tasks hold sender clones; the writer ends after their replies are written.
     drop(tx);

@@ -1,6 +1,7 @@
 //! The I/O engine: one trait, three implementations.
 //!
-//! - [`uring`]: io_uring on a dedicated ring thread that blocks in the kernel when idle.
+//! - [`uring`]: io_uring, completions reaped on the caller's tokio runtime (eventfd), or by a
+//!   fallback ring thread that blocks in the kernel; nothing spins when idle.
 //! - [`psync`]: `pread`/`pwrite` on a small bounded thread pool; chosen automatically, with the
 //!   reason logged, when io_uring cannot start.
 //! - [`sim`]: an in-memory disk with a volatile cache and a durable image, injecting EIO,
@@ -188,12 +189,26 @@ struct Slot {
 pub trait Reap: Send + Sync {
     /// Delivers whatever completions are ready, if that can be done without blocking.
     fn reap(&self);
+    /// Called by a future that found its result missing and stored its waker: the engine makes
+    /// sure something will deliver the completion (for io_uring: a reaper task on the caller's
+    /// async runtime, or the engine's own thread).
+    fn watch(&self) {}
+    /// A thread is about to block in [`Completion::wait`] (`true`) or stopped waiting
+    /// (`false`): no async runtime can be relied on to deliver its completion.
+    fn blocking_waiter(&self, _waiting: bool) {}
+    /// Hands operations the engine deferred (to batch them) to the kernel, then delivers
+    /// whatever completions are ready. Waits for the engine's lock, briefly.
+    fn flush(&self) {}
 }
 
 /// The caller's side of an operation: a future, or [`Completion::wait`] from blocking code.
 pub struct Completion {
     slot: Arc<Slot>,
     reaper: Option<Arc<dyn Reap>>,
+    /// The engine left the operation unsubmitted to batch it: the first poll yields once (so
+    /// other tasks can add theirs), the next flushes. Dropping or waiting flushes too.
+    deferred: bool,
+    yielded: bool,
 }
 
 /// The engine's side of an operation: completes it exactly once (dropping it without
@@ -212,7 +227,12 @@ pub fn completion_pair() -> (Completer, Completion) {
     });
     (
         Completer(Some(slot.clone())),
-        Completion { slot, reaper: None },
+        Completion {
+            slot,
+            reaper: None,
+            deferred: false,
+            yielded: false,
+        },
     )
 }
 
@@ -230,12 +250,42 @@ impl Completion {
         self
     }
 
+    /// Marks the operation as deferred by the engine (see [`Reap::flush`]).
+    pub fn deferred(mut self) -> Completion {
+        self.deferred = self.reaper.is_some();
+        self
+    }
+
+    fn flush_deferred(&mut self) {
+        if std::mem::take(&mut self.deferred) {
+            if let Some(reaper) = &self.reaper {
+                reaper.flush();
+            }
+        }
+    }
+
     fn take_done(&self) -> Option<IoDone> {
         lock(&self.slot.state).done.take()
     }
 
     /// Blocks the calling thread until the operation finished.
-    pub fn wait(self) -> IoDone {
+    pub fn wait(mut self) -> IoDone {
+        self.flush_deferred();
+        struct Blocking<'a>(Option<&'a Arc<dyn Reap>>);
+        impl Drop for Blocking<'_> {
+            fn drop(&mut self) {
+                if let Some(reaper) = self.0 {
+                    reaper.blocking_waiter(false);
+                }
+            }
+        }
+        if let Some(done) = self.take_done() {
+            return done;
+        }
+        if let Some(reaper) = &self.reaper {
+            reaper.blocking_waiter(true);
+        }
+        let _blocking = Blocking(self.reaper.as_ref());
         let mut state = lock(&self.slot.state);
         loop {
             if let Some(done) = state.done.take() {
@@ -254,13 +304,24 @@ impl Completion {
 impl Future for Completion {
     type Output = IoDone;
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<IoDone> {
-        if let Some(reaper) = &self.reaper {
-            if let Some(done) = self.take_done() {
+        let this = self.get_mut();
+        if this.reaper.is_some() {
+            if let Some(done) = this.take_done() {
                 return Poll::Ready(done);
             }
-            reaper.reap();
+            if this.deferred {
+                // Once: let the other ready tasks queue their operations first.
+                if std::mem::replace(&mut this.yielded, true) {
+                    this.flush_deferred();
+                } else {
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
+                }
+            } else if let Some(reaper) = &this.reaper {
+                reaper.reap();
+            }
         }
-        let mut state = lock(&self.slot.state);
+        let mut state = lock(&this.slot.state);
         if let Some(done) = state.done.take() {
             return Poll::Ready(done);
         }
@@ -268,7 +329,18 @@ impl Future for Completion {
             Some(waker) if waker.will_wake(cx.waker()) => {}
             _ => state.waker = Some(cx.waker().clone()),
         }
+        drop(state);
+        if let Some(reaper) = &this.reaper {
+            reaper.watch();
+        }
         Poll::Pending
+    }
+}
+
+impl Drop for Completion {
+    fn drop(&mut self) {
+        // A cancelled future must not leave its operation waiting for someone else's submit.
+        self.flush_deferred();
     }
 }
 
