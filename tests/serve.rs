@@ -300,3 +300,59 @@ fn qemu_img_convert_compare_and_map_through_the_real_engine() {
         "the unwritten middle reads as zero: {map}"
     );
 }
+
+/// The open flags of the fd `pid` holds on a path ending in `suffix`, from /proc/PID/fdinfo.
+fn open_flags_of(pid: u32, suffix: &str) -> u32 {
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap() {
+        let entry = entry.unwrap();
+        let Ok(target) = std::fs::read_link(entry.path()) else {
+            continue;
+        };
+        if target.to_string_lossy().ends_with(suffix) {
+            let fd = entry.file_name();
+            let info =
+                std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{}", fd.to_string_lossy()))
+                    .unwrap();
+            let flags = info
+                .lines()
+                .find_map(|l| l.strip_prefix("flags:"))
+                .unwrap()
+                .trim();
+            return u32::from_str_radix(flags, 8).unwrap();
+        }
+    }
+    panic!("process {pid} holds no fd on *{suffix}");
+}
+
+/// `[engine] direct_io` / `serve --buffered-io` must really choose how the data file is opened
+/// (a regression: the flag was once parsed and then ignored).
+#[test]
+fn buffered_io_flag_really_drops_o_direct() {
+    // On the build's filesystem, not /tmp, which may be tmpfs (no O_DIRECT at all).
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let d = dir.path().to_str().unwrap();
+    assert!(
+        stretch(&["volume", "create", "v", "--size", "16MiB", "--data-dir", d])
+            .status
+            .success()
+    );
+    let o_direct = libc::O_DIRECT as u32;
+
+    let site = Site::serve(dir.path(), &[]);
+    let direct_flags = open_flags_of(site.child.id(), "/v.img");
+    drop(site);
+    let site = Site::serve(dir.path(), &["--buffered-io"]);
+    let buffered_flags = open_flags_of(site.child.id(), "/v.img");
+    drop(site);
+
+    assert_ne!(
+        direct_flags & o_direct,
+        0,
+        "by default the data file is opened O_DIRECT"
+    );
+    assert_eq!(
+        buffered_flags & o_direct,
+        0,
+        "--buffered-io must open it without O_DIRECT"
+    );
+}

@@ -38,6 +38,28 @@ impl Peer {
     }
 }
 
+/// How started peers use the host page cache, so the comparison is like for like.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum PeerCache {
+    /// Everyone through the page cache: `stretch serve --buffered-io`, `qemu-nbd` default
+    /// (`--cache=writeback --aio=threads`), `nbdkit file` default.
+    #[default]
+    Cached,
+    /// Around the page cache: `stretch serve` default (O_DIRECT),
+    /// `qemu-nbd --cache=none --aio=io_uring` (O_DIRECT), `nbdkit file cache=none` (nbdkit 1.32
+    /// has no O_DIRECT; `cache=none` evicts pages after each request instead).
+    Direct,
+}
+
+impl PeerCache {
+    pub fn label(self) -> &'static str {
+        match self {
+            PeerCache::Cached => "cached",
+            PeerCache::Direct => "direct",
+        }
+    }
+}
+
 /// `stretch bench`: what the binary puts under its `Bench` subcommand.
 #[derive(Debug, Clone, Args)]
 pub struct BenchArgs {
@@ -55,6 +77,9 @@ pub struct BenchArgs {
     /// Size of each started peer's volume or file.
     #[arg(long, default_value = "256MiB", value_parser = parse_size_bytes)]
     pub peer_size: u64,
+    /// Caching mode of every started peer (the same for all, so the comparison is fair).
+    #[arg(long, value_enum, default_value_t = PeerCache::Cached)]
+    pub peer_cache: PeerCache,
     /// Directory for the peers' files; default: a fresh one under the system temp dir.
     #[arg(long)]
     pub work_dir: Option<PathBuf>,
@@ -164,6 +189,13 @@ async fn start_peer(peer: Peer, args: &BenchArgs, dir: &Path) -> anyhow::Result<
     let addr = format!("127.0.0.1:{port}");
     let export = "vol".to_string();
     let peer_dir = dir.join(peer.label());
+    // Every run starts from a fresh file: what an earlier run left in this peer's own
+    // subdirectory (a Stretch volume would make `volume create` fail) is removed first.
+    match std::fs::remove_dir_all(&peer_dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("clear {}", peer_dir.display())),
+    }
     std::fs::create_dir_all(&peer_dir).with_context(|| format!("create {}", peer_dir.display()))?;
     let raw_file = || -> anyhow::Result<PathBuf> {
         let path = peer_dir.join("disk.img");
@@ -194,6 +226,9 @@ async fn start_peer(peer: Peer, args: &BenchArgs, dir: &Path) -> anyhow::Result<
                 .arg("--data-dir")
                 .arg(&peer_dir)
                 .args(["--listen", &addr]);
+            if args.peer_cache == PeerCache::Cached {
+                c.arg("--buffered-io");
+            }
             c
         }
         Peer::QemuNbd => {
@@ -206,8 +241,11 @@ async fn start_peer(peer: Peer, args: &BenchArgs, dir: &Path) -> anyhow::Result<
                 "--bind=127.0.0.1",
             ])
             .arg(format!("--port={port}"))
-            .arg(format!("--export-name={export}"))
-            .arg(img);
+            .arg(format!("--export-name={export}"));
+            if args.peer_cache == PeerCache::Direct {
+                c.args(["--cache=none", "--aio=io_uring"]);
+            }
+            c.arg(img);
             c
         }
         Peer::Nbdkit => {
@@ -223,6 +261,9 @@ async fn start_peer(peer: Peer, args: &BenchArgs, dir: &Path) -> anyhow::Result<
             .arg(port.to_string())
             .arg("file")
             .arg(format!("file={}", img.display()));
+            if args.peer_cache == PeerCache::Direct {
+                c.arg("cache=none");
+            }
             c
         }
     };
@@ -411,6 +452,11 @@ pub async fn run_bench_report(args: &BenchArgs) -> anyhow::Result<Report> {
             TargetSpec::Uri { label, endpoint } => (label.clone(), endpoint.clone(), None),
             TargetSpec::Peer(p) => {
                 let s = start_peer(*p, args, &work_dir).await?;
+                eprintln!(
+                    "{}: started with page cache mode {}",
+                    p.label(),
+                    args.peer_cache.label()
+                );
                 (p.label().to_string(), s.endpoint.clone(), Some(s))
             }
         };
