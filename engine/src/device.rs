@@ -89,3 +89,37 @@ pub trait BlockDevice: Send + Sync + 'static {
         len: u64,
     ) -> impl Future<Output = Result<Vec<Extent>, BlockError>> + Send;
 }
+
+/// Checks that `[offset, offset + len)` lies inside a device of `size_bytes`, without ever
+/// computing `offset + len` unchecked (NBD.md §5: offset overflow).
+pub fn check_range(offset: u64, len: u64, size_bytes: u64) -> Result<(), BlockError> {
+    match offset.checked_add(len) {
+        Some(end) if end <= size_bytes => Ok(()),
+        _ => Err(BlockError::OutOfRange {
+            offset,
+            len,
+            size: size_bytes,
+        }),
+    }
+}
+
+/// Checks that a mutation covers whole blocks: no read-modify-write on the server, because with
+/// two writing sites it could lose an acknowledged write (DESIGN.md §4, Alignment).
+pub fn check_aligned(offset: u64, len: u64) -> Result<(), BlockError> {
+    let block = u64::from(crate::BLOCK_SIZE);
+    if offset % block != 0 || len % block != 0 {
+        return Err(BlockError::Misaligned { offset, len });
+    }
+    Ok(())
+}
+
+/// Checks that one read is no larger than [`crate::REQUEST_BYTES_MAX`].
+pub fn check_read_len(len: u32) -> Result<(), BlockError> {
+    if len > crate::REQUEST_BYTES_MAX {
+        return Err(BlockError::TooLarge {
+            len: u64::from(len),
+            max: u64::from(crate::REQUEST_BYTES_MAX),
+        });
+    }
+    Ok(())
+}

@@ -20,7 +20,7 @@ mod stamp;
 mod volume;
 
 pub use buf::AlignedBuf;
-pub use device::{BlockDevice, Extent, ZeroFlags};
+pub use device::{check_aligned, check_range, check_read_len, BlockDevice, Extent, ZeroFlags};
 pub use error::{BlockError, EngineError};
 pub use io::IoEngineKind;
 pub use stamp::Stamp;

@@ -752,11 +752,7 @@ impl Volume {
     }
 
     fn check_range(&self, offset: u64, len: u64) -> Result<(), BlockError> {
-        let size = self.size_bytes.load(Ordering::SeqCst);
-        match offset.checked_add(len) {
-            Some(end) if end <= size => Ok(()),
-            _ => Err(BlockError::OutOfRange { offset, len, size }),
-        }
+        crate::check_range(offset, len, self.size_bytes.load(Ordering::SeqCst))
     }
 
     fn check_failed(&self) -> Result<(), BlockError> {
@@ -804,9 +800,7 @@ impl Volume {
 
     fn check_mutation(&self, offset: u64, len: u64) -> Result<(), BlockError> {
         self.check_failed()?;
-        if offset % BLOCK_BYTES != 0 || len % BLOCK_BYTES != 0 {
-            return Err(BlockError::Misaligned { offset, len });
-        }
+        crate::check_aligned(offset, len)?;
         self.check_range(offset, len)
     }
 
@@ -1186,12 +1180,7 @@ impl BlockDevice for Volume {
     }
 
     async fn read(&self, offset: u64, len: u32) -> Result<AlignedBuf, BlockError> {
-        if len > REQUEST_BYTES_MAX {
-            return Err(BlockError::TooLarge {
-                len: u64::from(len),
-                max: u64::from(REQUEST_BYTES_MAX),
-            });
-        }
+        crate::check_read_len(len)?;
         let len64 = u64::from(len);
         self.check_range(offset, len64)?;
         if len == 0 {

@@ -59,22 +59,12 @@ impl MemDevice {
     }
 
     fn check_range(&self, offset: u64, len: u64) -> Result<(), BlockError> {
-        if offset > self.size_bytes || len > self.size_bytes - offset {
-            return Err(BlockError::OutOfRange {
-                offset,
-                len,
-                size: self.size_bytes,
-            });
-        }
-        Ok(())
+        stretch_engine::check_range(offset, len, self.size_bytes)
     }
 
     fn check_mutation(&self, offset: u64, len: u64) -> Result<(), BlockError> {
         self.check_range(offset, len)?;
-        if offset % BLOCK_BYTES != 0 || len % BLOCK_BYTES != 0 {
-            return Err(BlockError::Misaligned { offset, len });
-        }
-        Ok(())
+        stretch_engine::check_aligned(offset, len)
     }
 
     fn punch_or_zero(&self, offset: u64, len: u64, keep_allocated: bool) {

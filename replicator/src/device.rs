@@ -200,18 +200,12 @@ impl ReplicatedVolume {
     }
 
     fn check_mutation(&self, offset: u64, len: u64) -> Result<(), BlockError> {
-        if offset % BLOCK_BYTES != 0 || len % BLOCK_BYTES != 0 {
-            return Err(BlockError::Misaligned { offset, len });
-        }
+        stretch_engine::check_aligned(offset, len)?;
         self.check_range(offset, len)
     }
 
     fn check_range(&self, offset: u64, len: u64) -> Result<(), BlockError> {
-        let size = self.volume.size_bytes();
-        match offset.checked_add(len) {
-            Some(end) if end <= size => Ok(()),
-            _ => Err(BlockError::OutOfRange { offset, len, size }),
-        }
+        stretch_engine::check_range(offset, len, self.volume.size_bytes())
     }
 
     /// TRIM and WRITE_ZEROES in pieces the core accepts.
@@ -272,12 +266,7 @@ impl BlockDevice for ReplicatedVolume {
     }
 
     async fn read(&self, offset: u64, len: u32) -> Result<AlignedBuf, BlockError> {
-        if len > REQUEST_BYTES_MAX {
-            return Err(BlockError::TooLarge {
-                len: u64::from(len),
-                max: u64::from(REQUEST_BYTES_MAX),
-            });
-        }
+        stretch_engine::check_read_len(len)?;
         let len64 = u64::from(len);
         self.check_range(offset, len64)?;
         if len == 0 {
