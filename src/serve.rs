@@ -1,6 +1,7 @@
 //! `stretch serve`: one site's volumes over NBD (no replication yet).
 
-use std::path::Path;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -8,7 +9,7 @@ use anyhow::{bail, Context};
 use tracing::info;
 
 use crate::cli::ServeArgs;
-use crate::config::Config;
+use crate::config::{Config, NbdConfig};
 use stretch_engine::{list_volumes, BlockDevice, IoEngineKind, Volume, VolumeConfig};
 use stretch_nbd::{Export, Server, ServerConfig};
 
@@ -40,22 +41,73 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A serving site: its NBD server and the endpoints it listens on.
-pub struct Running {
-    server: Arc<Server<Volume>>,
-    pub endpoints: Vec<String>,
-    pub export_names: Vec<String>,
+/// Where an NBD listener accepts clients.
+pub enum Endpoint {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl Endpoint {
+    /// The URI a client uses for `export` here (the NBD URI spec: the export is the path, and
+    /// a Unix socket goes in the `socket` query parameter).
+    pub fn uri(&self, export: &str) -> String {
+        match self {
+            Endpoint::Tcp(addr) => format!("nbd://{addr}/{export}"),
+            Endpoint::Unix(path) => format!("nbd+unix:///{export}?socket={}", path.display()),
+        }
+    }
+}
+
+/// A daemon's NBD server and the listeners it serves on, as `[nbd]` configures them. `stretch
+/// serve` and `stretch site` both run one.
+pub struct NbdListeners<D: BlockDevice> {
+    server: Arc<Server<D>>,
+    pub endpoints: Vec<Endpoint>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
-impl Running {
-    /// Prints one `nbd://` URI per export and endpoint; tests and scripts parse these lines.
-    pub fn print_endpoints(&self) {
-        for endpoint in &self.endpoints {
-            for name in &self.export_names {
-                println!("{endpoint}/{name}");
-            }
+impl<D: BlockDevice> NbdListeners<D> {
+    /// Binds every configured TCP address and the Unix socket, and serves `exports` on each.
+    pub async fn start(nbd: &NbdConfig, exports: Vec<Export<D>>) -> anyhow::Result<Self> {
+        let server_config = ServerConfig {
+            handshake_timeout: Duration::from_millis(nbd.handshake_timeout_ms),
+            connections_max: nbd.connections_max,
+            inflight_bytes_max: nbd.inflight_bytes_max,
+            ..ServerConfig::default()
+        };
+        let server = Server::new(server_config, exports);
+        let mut endpoints = Vec::new();
+        let mut tasks = Vec::new();
+        for addr in &nbd.listen {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("listen for NBD on {addr}"))?;
+            let local = listener
+                .local_addr()
+                .context("read the NBD listen address")?;
+            endpoints.push(Endpoint::Tcp(local));
+            let server = server.clone();
+            tasks.push(tokio::spawn(async move {
+                if let Err(err) = server.serve_tcp(listener).await {
+                    tracing::error!(%local, "NBD listener stopped: {err}");
+                }
+            }));
         }
+        if let Some(path) = &nbd.unix_socket {
+            let listener = bind_unix(path)?;
+            endpoints.push(Endpoint::Unix(path.clone()));
+            let server = server.clone();
+            tasks.push(tokio::spawn(async move {
+                if let Err(err) = server.serve_unix(listener).await {
+                    tracing::error!("NBD unix listener stopped: {err}");
+                }
+            }));
+        }
+        Ok(NbdListeners {
+            server,
+            endpoints,
+            tasks,
+        })
     }
 
     /// Stops accepting, lets in-flight requests finish, then returns.
@@ -66,6 +118,28 @@ impl Running {
             // A listener task that panicked has nothing left to finish; keep shutting down.
             let _ = tokio::time::timeout(Duration::from_secs(30), task).await;
         }
+    }
+}
+
+/// A serving site: its volumes' NBD listeners.
+pub struct Running {
+    nbd: NbdListeners<Volume>,
+    pub export_names: Vec<String>,
+}
+
+impl Running {
+    /// Prints one URI per export and endpoint; tests and scripts parse these lines.
+    pub fn print_endpoints(&self) {
+        for endpoint in &self.nbd.endpoints {
+            for name in &self.export_names {
+                println!("{}", endpoint.uri(name));
+            }
+        }
+    }
+
+    /// Stops accepting, lets in-flight requests finish, then returns.
+    pub async fn stop(self) {
+        self.nbd.stop().await;
     }
 }
 
@@ -95,46 +169,8 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
     for export in &exports {
         info!(volume = %export.name, size_bytes = export.device.size_bytes(), io_engine = export.device.io_engine_name(), "exporting volume");
     }
-    let server_config = ServerConfig {
-        handshake_timeout: Duration::from_millis(config.nbd.handshake_timeout_ms),
-        connections_max: config.nbd.connections_max,
-        inflight_bytes_max: config.nbd.inflight_bytes_max,
-        ..ServerConfig::default()
-    };
-    let server = Server::new(server_config, exports);
-    let mut endpoints = Vec::new();
-    let mut tasks = Vec::new();
-    for addr in &config.nbd.listen {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("listen for NBD on {addr}"))?;
-        let local = listener
-            .local_addr()
-            .context("read the NBD listen address")?;
-        endpoints.push(format!("nbd://{local}"));
-        let server = server.clone();
-        tasks.push(tokio::spawn(async move {
-            if let Err(err) = server.serve_tcp(listener).await {
-                tracing::error!(%local, "NBD listener stopped: {err}");
-            }
-        }));
-    }
-    if let Some(path) = &config.nbd.unix_socket {
-        let listener = bind_unix(path)?;
-        endpoints.push(format!("nbd+unix://?socket={}&export=", path.display()));
-        let server = server.clone();
-        tasks.push(tokio::spawn(async move {
-            if let Err(err) = server.serve_unix(listener).await {
-                tracing::error!("NBD unix listener stopped: {err}");
-            }
-        }));
-    }
-    Ok(Running {
-        server,
-        endpoints,
-        export_names,
-        tasks,
-    })
+    let nbd = NbdListeners::start(&config.nbd, exports).await?;
+    Ok(Running { nbd, export_names })
 }
 
 fn bind_unix(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {

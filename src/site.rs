@@ -12,15 +12,15 @@
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::{bail, Context};
 use tracing::info;
 
 use crate::cli::SiteArgs;
 use crate::config::{parse_size, Config};
+use crate::serve::NbdListeners;
 use stretch_engine::{BlockDevice, IoEngineKind, Volume, VolumeConfig};
-use stretch_nbd::{Export, Server, ServerConfig};
+use stretch_nbd::Export;
 use stretch_replicator::core::{Config as ReplicaConfig, MapView, Role};
 use stretch_replicator::driver::DriverConfig;
 use stretch_replicator::link::{LinkConfig, LinkMode};
@@ -139,24 +139,18 @@ pub async fn run(args: SiteArgs) -> anyhow::Result<()> {
 
 /// A running site: its replicated volume and NBD listeners.
 pub(crate) struct RunningSite {
-    server: Arc<Server<ReplicatedVolume>>,
+    nbd: NbdListeners<ReplicatedVolume>,
     device: Arc<ReplicatedVolume>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
     /// Where this site accepts the replication link, if it is the listening side.
     pub(crate) repl: Option<SocketAddr>,
-    /// One `nbd://ADDR/VOLUME` per NBD listener.
+    /// One URI of the volume per NBD listener (`nbd://ADDR/VOLUME`, `nbd+unix:///VOLUME?socket=`).
     pub(crate) uris: Vec<String>,
 }
 
 impl RunningSite {
     /// Stops accepting, lets in-flight requests finish, then returns.
     pub(crate) async fn stop(self) {
-        info!("shutting down: finishing in-flight requests");
-        self.server.shutdown();
-        for task in self.tasks {
-            // A listener task that panicked has nothing left to finish; keep shutting down.
-            let _ = tokio::time::timeout(Duration::from_secs(30), task).await;
-        }
+        self.nbd.stop().await;
         info!(
             driver = ?self.device.driver_stats(),
             link = ?self.device.link_stats(),
@@ -224,42 +218,17 @@ pub(crate) async fn start(s: Settings) -> anyhow::Result<RunningSite> {
         "site started"
     );
 
-    let server_config = ServerConfig {
-        handshake_timeout: Duration::from_millis(s.nbd.handshake_timeout_ms),
-        connections_max: s.nbd.connections_max,
-        inflight_bytes_max: s.nbd.inflight_bytes_max,
-        ..ServerConfig::default()
-    };
-    let server = Server::new(
-        server_config,
-        vec![Export {
-            name: s.volume.clone(),
-            description: format!("stretched volume, site {}", s.site_name),
-            device: device.clone(),
-            read_only: false,
-        }],
-    );
-    let mut tasks = Vec::new();
-    let mut uris = Vec::new();
-    for addr in &s.nbd.listen {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("listen for NBD on {addr}"))?;
-        let local: SocketAddr = listener
-            .local_addr()
-            .context("read the NBD listen address")?;
-        uris.push(format!("nbd://{local}/{}", s.volume));
-        let server = server.clone();
-        tasks.push(tokio::spawn(async move {
-            if let Err(err) = server.serve_tcp(listener).await {
-                tracing::error!(%local, "NBD listener stopped: {err}");
-            }
-        }));
-    }
+    let exports = vec![Export {
+        name: s.volume.clone(),
+        description: format!("stretched volume, site {}", s.site_name),
+        device: device.clone(),
+        read_only: false,
+    }];
+    let nbd = NbdListeners::start(&s.nbd, exports).await?;
+    let uris = nbd.endpoints.iter().map(|e| e.uri(&s.volume)).collect();
     Ok(RunningSite {
-        server,
+        nbd,
         device,
-        tasks,
         repl,
         uris,
     })

@@ -356,3 +356,25 @@ fn buffered_io_flag_really_drops_o_direct() {
         "--buffered-io must open it without O_DIRECT"
     );
 }
+
+/// The Unix-socket URI `serve` prints must be one a client can use as printed.
+#[test]
+fn unix_socket_uri_is_usable_as_printed() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    assert!(
+        stretch(&["volume", "create", "u", "--size", "16MiB", "--data-dir", d])
+            .status
+            .success()
+    );
+    let socket = dir.path().join("nbd.sock");
+    let site = Site::serve(dir.path(), &["--unix-socket", socket.to_str().unwrap()]);
+    let uri = site
+        .uris
+        .iter()
+        .find(|u| u.starts_with("nbd+unix://"))
+        .unwrap_or_else(|| panic!("no unix URI printed: {:?}", site.uris))
+        .clone();
+    assert_eq!(uri, format!("nbd+unix:///u?socket={}", socket.display()));
+    qemu_io(&uri, &["write -P 0x5c 0 64k", "read -P 0x5c 0 64k"]);
+}
