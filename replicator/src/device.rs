@@ -36,6 +36,7 @@ use stretch_engine::{
 
 use crate::core::{ClientError, ClientOpId, Config, Event, MapView};
 use crate::driver::{self, Clock, DriverConfig, DriverStats, Input, Reply};
+use crate::frame::{Frame, Header, Kind, CONTROL_BODY_BYTES_MAX};
 use crate::link::{self, LinkConfig, LinkMode, LinkStats};
 use crate::store::EngineStore;
 
@@ -70,10 +71,34 @@ impl ReplicatedOptions {
     }
 }
 
+/// The control plane's answer to "may a request be served now?" (DESIGN.md §6: leases, the
+/// survivor's wait, the loser).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GateAnswer {
+    Serve,
+    /// Not now, perhaps soon (a lease being renewed, the survivor's wait): the request waits.
+    Hold,
+    /// Fail it with EIO.
+    Fail,
+}
+
+/// Asked before every request goes to the replica and again before a read's data goes back.
+pub trait ServeGate: Send + Sync {
+    fn check(&self) -> GateAnswer;
+}
+
+/// How often a held request asks the gate again.
+const GATE_POLL: Duration = Duration::from_millis(5);
+
 /// A volume replicated to the peer site; see the module documentation.
 pub struct ReplicatedVolume {
     volume: Arc<Volume>,
     inputs: mpsc::Sender<Input>,
+    /// For control frames, which bypass the replica thread.
+    outbound: driver::Outbound,
+    site: u8,
+    cluster_id: u64,
+    gate: std::sync::OnceLock<Arc<dyn ServeGate>>,
     mutation_permits: Semaphore,
     read_permits: Semaphore,
     next_id: AtomicU64,
@@ -106,6 +131,7 @@ impl ReplicatedVolume {
         let link_stats = Arc::new(Mutex::new(LinkStats::default()));
         let mutation_permits = Semaphore::new(cfg.admission_queue_max.max(1));
         let read_permits = Semaphore::new(cfg.reads_waiting_max.max(1));
+        let (site, cluster_id) = (cfg.site, cfg.cluster_id);
         driver::spawn(
             cfg,
             map,
@@ -113,7 +139,7 @@ impl ReplicatedVolume {
             options.driver.clone(),
             driver::Plumbing {
                 inputs: inputs_rx,
-                outbound,
+                outbound: outbound.clone(),
                 stats: driver_stats.clone(),
             },
             Clock::new(),
@@ -141,6 +167,10 @@ impl ReplicatedVolume {
         Ok(ReplicatedVolume {
             volume,
             inputs: inputs_tx,
+            outbound,
+            site,
+            cluster_id,
+            gate: std::sync::OnceLock::new(),
             mutation_permits,
             read_permits,
             next_id: AtomicU64::new(1),
@@ -164,11 +194,68 @@ impl ReplicatedVolume {
         &self.volume
     }
 
+    /// Hands a control-plane event (`Detach`, `Rejoin`) to the replica, in order with
+    /// everything else it handles.
+    pub async fn control(&self, event: Event) -> Result<(), BlockError> {
+        self.inputs
+            .send(Input::Peer(event))
+            .await
+            .map_err(|_| BlockError::Shutdown)
+    }
+
+    /// Sends a control-plane message to the peer over the replication link, without going
+    /// through the replica. False if the link is down or its queue is full: the message is
+    /// dropped, and the control plane's own timers resend.
+    pub fn send_control(&self, body: &[u8]) -> bool {
+        if !self.driver_stats().link_up || body.len() > CONTROL_BODY_BYTES_MAX as usize {
+            return false;
+        }
+        let mut h = Header::new(Kind::Control);
+        h.sender_site = self.site;
+        h.cluster_id = self.cluster_id;
+        self.outbound
+            .try_push(Frame::new(h, body.to_vec()).encode())
+    }
+
+    /// Installs the control plane's gate; until then every request is served. Set it before
+    /// any client connects. A second call is ignored (false).
+    pub fn set_gate(&self, gate: Arc<dyn ServeGate>) -> bool {
+        self.gate.set(gate).is_ok()
+    }
+
+    /// Waits until the gate lets requests through, up to the request timeout.
+    async fn admit(&self) -> Result<(), BlockError> {
+        let Some(gate) = self.gate.get() else {
+            return Ok(());
+        };
+        let deadline = tokio::time::Instant::now() + self.request_timeout;
+        // Bounded by the request timeout.
+        loop {
+            match gate.check() {
+                GateAnswer::Serve => return Ok(()),
+                GateAnswer::Fail => return Err(not_serving()),
+                GateAnswer::Hold if tokio::time::Instant::now() >= deadline => {
+                    return Err(not_serving())
+                }
+                GateAnswer::Hold => tokio::time::sleep(GATE_POLL).await,
+            }
+        }
+    }
+
+    /// Re-checked before a read's data goes out: a lease may have lapsed while it waited.
+    fn may_reply(&self) -> Result<(), BlockError> {
+        match self.gate.get().map(|g| g.check()) {
+            None | Some(GateAnswer::Serve) => Ok(()),
+            Some(_) => Err(not_serving()),
+        }
+    }
+
     async fn call(
         &self,
         permits: &Semaphore,
         make: impl FnOnce(ClientOpId) -> Event,
     ) -> Result<Reply, BlockError> {
+        self.admit().await?;
         let _permit = permits.acquire().await.map_err(|_| BlockError::Shutdown)?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
@@ -247,6 +334,12 @@ impl Drop for ReplicatedVolume {
     }
 }
 
+fn not_serving() -> BlockError {
+    BlockError::Io(std::io::Error::other(
+        "this site may not serve the volume now (lease lapsed, detached, or not yet arbitrated)",
+    ))
+}
+
 fn client_error(error: ClientError) -> BlockError {
     match error {
         ClientError::Io => BlockError::Io(std::io::Error::other(
@@ -300,6 +393,7 @@ impl BlockDevice for ReplicatedVolume {
             }
             lba += blocks;
         }
+        self.may_reply()?;
         let skip = (offset - first * BLOCK_BYTES) as usize;
         Ok(AlignedBuf::from_slice(&data[skip..skip + len as usize]))
     }

@@ -135,6 +135,9 @@ pub struct DriverStats {
     pub dirty_blocks: u64,
     /// The replica stopped after an engine error; every request now fails with EIO.
     pub failed: bool,
+    /// Survivor: the epoch in which the catching-up peer's resync last completed; the
+    /// control plane may then commit its rejoin (DESIGN.md §4 "Resync").
+    pub resync_complete_epoch: Option<u32>,
 }
 
 /// The sending half of the bounded outbound queue (replica thread -> link writer).
@@ -166,7 +169,7 @@ pub fn outbound_queue(frames_max: usize, bytes_max: usize) -> (Outbound, Outboun
 
 impl Outbound {
     /// Queues `bytes` without waiting; false if the queue is full.
-    fn try_push(&self, bytes: Vec<u8>) -> bool {
+    pub(crate) fn try_push(&self, bytes: Vec<u8>) -> bool {
         let len = bytes.len();
         if self.queued_bytes.load(Ordering::SeqCst) + len > self.bytes_max {
             return false;
@@ -381,6 +384,7 @@ impl ReplicaThread {
                 }
             }
             Action::ResyncComplete { epoch } => {
+                self.local.resync_complete_epoch = Some(epoch);
                 tracing::info!(
                     epoch,
                     "resync complete; the control plane may commit rejoin"

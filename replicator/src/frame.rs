@@ -96,11 +96,20 @@ pub enum Kind {
     WriteNack = 11,
     /// The receiver applied the resync copy of `lba` with `stamp`.
     ResyncAck = 12,
+    /// A control-plane message between the sites (the witness's lease heartbeats and
+    /// echoes, DESIGN.md §6): an opaque body of at most [`CONTROL_BODY_BYTES_MAX`] bytes.
+    /// It travels the replication link on purpose — a lease must lapse exactly when that
+    /// link stops carrying writes — but the link hands it to the control plane, never to the
+    /// replica.
+    Control = 13,
 }
+
+/// The largest body of a [`Kind::Control`] frame.
+pub const CONTROL_BODY_BYTES_MAX: u32 = 64 * 1024;
 
 impl Kind {
     /// Every kind, for tests and exhaustive tables.
-    pub const ALL: [Kind; 12] = [
+    pub const ALL: [Kind; 13] = [
         Kind::Write,
         Kind::WriteAck,
         Kind::DurableAck,
@@ -113,6 +122,7 @@ impl Kind {
         Kind::FlushMarker,
         Kind::WriteNack,
         Kind::ResyncAck,
+        Kind::Control,
     ];
 
     fn from_wire(byte: u8) -> Option<Kind> {
@@ -127,6 +137,7 @@ impl Kind {
             // A resync copy of a tombstone carries no data; of a written block, one block.
             Kind::ResyncBlock => BodyRule::BlocksOrEmpty,
             Kind::ResyncRequest => BodyRule::LbaList,
+            Kind::Control => BodyRule::Opaque,
             _ => BodyRule::Empty,
         }
     }
@@ -136,6 +147,8 @@ enum BodyRule {
     Blocks,
     BlocksOrEmpty,
     LbaList,
+    /// Any bytes up to [`CONTROL_BODY_BYTES_MAX`].
+    Opaque,
     Empty,
 }
 
@@ -282,6 +295,7 @@ impl Header {
             BodyRule::Blocks => blocks > 0 && block_body,
             BodyRule::BlocksOrEmpty => blocks == 1 && (block_body || body_len_bytes == 0),
             BodyRule::LbaList => body_len_bytes % 8 == 0,
+            BodyRule::Opaque => body_len_bytes <= CONTROL_BODY_BYTES_MAX,
             BodyRule::Empty => body_len_bytes == 0,
         };
         if !fits {
@@ -518,6 +532,24 @@ mod tests {
             let result = Frame::decode(&damaged, CLUSTER);
             assert!(result.is_err(), "bit {bit} flipped and still decoded");
         }
+    }
+
+    // A control frame carries an opaque body, but a bounded one: a peer cannot make the
+    // link buffer a 32 MiB "heartbeat".
+    #[test]
+    fn control_body_is_bounded() {
+        let mut h = Header::new(Kind::Control);
+        h.cluster_id = CLUSTER;
+        let ok = Frame::new(h, vec![7; CONTROL_BODY_BYTES_MAX as usize]).encode();
+        assert!(Frame::decode(&ok, CLUSTER).is_ok());
+        let big = Frame::new(h, vec![7; CONTROL_BODY_BYTES_MAX as usize + 1]).encode();
+        assert!(matches!(
+            Frame::decode(&big, CLUSTER),
+            Err(FrameError::BadLength {
+                kind: Kind::Control,
+                ..
+            })
+        ));
     }
 
     #[test]

@@ -23,4 +23,4 @@ pub mod sim;
 pub mod stamp;
 pub mod store;
 
-pub use device::{ReplicatedOptions, ReplicatedVolume};
+pub use device::{GateAnswer, ReplicatedOptions, ReplicatedVolume, ServeGate};

@@ -30,7 +30,7 @@ use tokio::sync::{mpsc, Semaphore};
 
 use crate::core::Event;
 use crate::driver::{Input, OutboundRx};
-use crate::frame::{Frame, Header, RejectCounters, BODY_BYTES_MAX, HEADER_BYTES};
+use crate::frame::{Frame, Header, Kind, RejectCounters, BODY_BYTES_MAX, HEADER_BYTES};
 
 /// Which end of the link this site is.
 pub enum LinkMode {
@@ -53,6 +53,11 @@ pub struct LinkConfig {
     /// Bytes of received frames not yet handled by the replica thread; at least one largest
     /// frame.
     pub inbound_bytes_max: usize,
+    /// Where bodies of [`Kind::Control`] frames go (the control plane's lease heartbeats).
+    /// Without it, control frames are counted and dropped. The queue is bounded by its
+    /// sender; a full queue drops the frame (a heartbeat is resent on its own timer, and a
+    /// lost one only lets a lease run out sooner, which is the safe direction).
+    pub control_in: Option<mpsc::Sender<Vec<u8>>>,
 }
 
 impl LinkConfig {
@@ -64,6 +69,7 @@ impl LinkConfig {
             backoff_max_ms: 1_000,
             connect_timeout_ms: 2_000,
             inbound_bytes_max: 2 * (BODY_BYTES_MAX as usize + HEADER_BYTES),
+            control_in: None,
         }
     }
 }
@@ -79,6 +85,8 @@ pub struct LinkStats {
     /// Frames refused by `Header::decode` or `check_body`, by reason.
     pub rejects: RejectCounters,
     pub dial_failures: u64,
+    /// Control frames dropped: no control plane attached, or its queue was full.
+    pub control_dropped: u64,
 }
 
 /// Why a session ended.
@@ -267,6 +275,19 @@ async fn read_loop(
         if let Ok(mut s) = stats.lock() {
             s.frames_in += 1;
             s.bytes_in += (HEADER_BYTES + body_len) as u64;
+        }
+        if header.kind == Kind::Control {
+            // Never to the replica: control frames belong to the control plane.
+            let delivered = cfg
+                .control_in
+                .as_ref()
+                .is_some_and(|tx| tx.try_send(body).is_ok());
+            if !delivered {
+                if let Ok(mut s) = stats.lock() {
+                    s.control_dropped += 1;
+                }
+            }
+            continue;
         }
         let input = Input::Frame {
             event: Event::FrameReceived(Frame { header, body }),

@@ -652,6 +652,9 @@ impl Replica {
             Kind::ResyncRequest => self.on_resync_request(now_us, &h, &frame.body, store, out),
             Kind::ResyncBlock => self.on_resync_block(now_us, &h, &frame.body, store, out),
             Kind::ResyncAck => self.on_resync_ack(now_us, &h, store, out),
+            // The link hands control frames to the control plane; one reaching the core came
+            // by another path and carries nothing for it.
+            Kind::Control => self.counters.frames_foreign += 1,
             // The sync policy acknowledges on apply; durable acks and flush markers belong to
             // sync-received and async, which are not implemented yet.
             Kind::DurableAck | Kind::FlushMarker => {
