@@ -25,6 +25,8 @@ openraft::declare_raft_types!(
         AsyncRuntime = openraft::TokioRuntime,
 );
 
+pub use openraft::BasicNode;
+
 pub type NodeId = u64;
 pub type Raft = openraft::Raft<TypeConfig>;
 

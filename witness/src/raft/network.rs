@@ -19,7 +19,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::time::timeout;
 
+use super::state_machine::MapStateMachine;
 use super::{frame, unframe, NodeId, Raft, TypeConfig, FRAME_BYTES_MAX};
+use crate::map::{ApplyResult, ClusterMap, Command};
+use openraft::error::ClientWriteError;
 
 /// Connections a node serves at once; more are closed at accept. Three voters need a handful.
 pub const CONNECTIONS_MAX: usize = 64;
@@ -35,6 +38,11 @@ pub enum RpcRequest {
     AppendEntries(AppendEntriesRequest<TypeConfig>),
     Vote(VoteRequest<NodeId>),
     InstallSnapshot(InstallSnapshotRequest<TypeConfig>),
+    /// A proposal forwarded by a node that is not the leader (sites propose detaches and
+    /// rejoins wherever the leader is).
+    ClientWrite(Command),
+    /// A linearizable read of the map, forwarded to the leader.
+    ReadMap,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -42,6 +50,14 @@ pub enum RpcResponse {
     AppendEntries(AppendEntriesResponse<NodeId>),
     Vote(VoteResponse<NodeId>),
     InstallSnapshot(InstallSnapshotResponse<NodeId>),
+    ClientWrite(ApplyResult),
+    /// The map after a ReadIndex, with the log index it reflects.
+    Map {
+        index: u64,
+        map: ClusterMap,
+    },
+    /// The serving node is not the leader (a forwarded request does not hop twice).
+    NotLeader(Option<NodeId>),
     /// The serving node's Raft refused (it is shutting down, or a snapshot error).
     Error(String),
 }
@@ -206,8 +222,25 @@ impl RaftNetwork<TypeConfig> for TcpClient {
     }
 }
 
+/// One forwarded request to the node at `addr`, on a fresh connection, under `deadline`.
+pub(crate) async fn forward(
+    target: NodeId,
+    addr: &str,
+    req: &RpcRequest,
+    deadline: Duration,
+) -> io::Result<RpcResponse> {
+    let mut client = TcpClient {
+        target,
+        addr: addr.to_string(),
+        conn: None,
+    };
+    client.call(req, deadline).await.map_err(|e| match e {
+        CallError::Unreachable(e) | CallError::Network(e) => e,
+    })
+}
+
 /// Serves Raft RPCs from the other voters until the task is aborted.
-pub async fn serve(listener: TcpListener, raft: Raft) {
+pub async fn serve(listener: TcpListener, raft: Raft, sm: MapStateMachine) {
     let limit = Arc::new(Semaphore::new(CONNECTIONS_MAX));
     loop {
         let (stream, peer) = match listener.accept().await {
@@ -225,16 +258,21 @@ pub async fn serve(listener: TcpListener, raft: Raft) {
             continue;
         };
         let raft = raft.clone();
+        let sm = sm.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            if let Err(e) = serve_connection(stream, raft).await {
+            if let Err(e) = serve_connection(stream, raft, sm).await {
                 tracing::debug!(%peer, error = %e, "raft connection closed");
             }
         });
     }
 }
 
-async fn serve_connection(mut stream: TcpStream, raft: Raft) -> io::Result<()> {
+async fn serve_connection(
+    mut stream: TcpStream,
+    raft: Raft,
+    sm: MapStateMachine,
+) -> io::Result<()> {
     stream.set_nodelay(true)?;
     loop {
         let payload = match timeout(IDLE_TIMEOUT, read_frame(&mut stream)).await {
@@ -256,6 +294,23 @@ async fn serve_connection(mut stream: TcpStream, raft: Raft) -> io::Result<()> {
             RpcRequest::InstallSnapshot(r) => match raft.install_snapshot(r).await {
                 Ok(r) => RpcResponse::InstallSnapshot(r),
                 Err(e) => RpcResponse::Error(e.to_string()),
+            },
+            RpcRequest::ClientWrite(cmd) => match raft.client_write(cmd).await {
+                Ok(r) => RpcResponse::ClientWrite(r.data),
+                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                    RpcResponse::NotLeader(f.leader_id)
+                }
+                Err(e) => RpcResponse::Error(e.to_string()),
+            },
+            RpcRequest::ReadMap => match raft.ensure_linearizable().await {
+                Ok(_) => {
+                    let (index, map) = sm.indexed_map();
+                    RpcResponse::Map { index, map }
+                }
+                Err(e) => match e.forward_to_leader() {
+                    Some(f) => RpcResponse::NotLeader(f.leader_id),
+                    None => RpcResponse::Error(e.to_string()),
+                },
             },
         };
         let bytes = postcard::to_stdvec(&resp).map_err(io_err)?;

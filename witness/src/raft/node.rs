@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::{BasicNode, Config, SnapshotPolicy};
@@ -12,7 +13,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 use super::log_store::FileLogStore;
-use super::network::{serve, TcpNetworkFactory};
+use super::network::{forward, serve, RpcRequest, RpcResponse, TcpNetworkFactory};
 use super::state_machine::MapStateMachine;
 use super::{NodeId, Raft};
 use crate::map::{ApplyResult, ClusterMap, Command};
@@ -73,7 +74,7 @@ impl WitnessNode {
         .await
         .map_err(|e| NodeError::Raft(e.to_string()))?;
         let server_raft = raft.clone();
-        let server = tokio::spawn(serve(listener, server_raft));
+        let server = tokio::spawn(serve(listener, server_raft, sm.clone()));
         Ok(WitnessNode {
             id,
             addr,
@@ -124,11 +125,100 @@ impl WitnessNode {
         self.sm.map()
     }
 
+    /// The applied map with the log index it reflects.
+    pub fn local_indexed_map(&self) -> (u64, ClusterMap) {
+        self.sm.indexed_map()
+    }
+
+    /// The leader this node knows of, and the current term.
+    pub fn leader(&self) -> (Option<NodeId>, u64) {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        (m.current_leader, m.current_term)
+    }
+
+    fn leader_addr(&self, leader: NodeId) -> Option<String> {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        m.membership_config
+            .membership()
+            .get_node(&leader)
+            .map(|n| n.addr.clone())
+    }
+
+    /// Proposes `cmd` through whichever node leads: here, or forwarded once to the leader.
+    pub async fn propose_anywhere(
+        &self,
+        cmd: Command,
+        deadline: Duration,
+    ) -> Result<ApplyResult, NodeError> {
+        let leader = match tokio::time::timeout(deadline, self.propose(cmd.clone())).await {
+            Err(_) => return Err(NodeError::Raft("proposal timed out".into())),
+            Ok(Err(NodeError::NotLeader {
+                leader: Some(leader),
+            })) if leader != self.id => leader,
+            Ok(other) => return other,
+        };
+        match self
+            .forward(leader, RpcRequest::ClientWrite(cmd), deadline)
+            .await?
+        {
+            RpcResponse::ClientWrite(result) => Ok(result),
+            other => Err(forward_error(other)),
+        }
+    }
+
+    /// A linearizable read of the map through whichever node leads, with its log index.
+    pub async fn read_map_anywhere(
+        &self,
+        deadline: Duration,
+    ) -> Result<(u64, ClusterMap), NodeError> {
+        let leader = match tokio::time::timeout(deadline, self.raft.ensure_linearizable()).await {
+            Err(_) => return Err(NodeError::Raft("read timed out".into())),
+            Ok(Ok(_)) => return Ok(self.sm.indexed_map()),
+            Ok(Err(e)) => match e.forward_to_leader() {
+                Some(f) => match f.leader_id {
+                    Some(leader) if leader != self.id => leader,
+                    other => return Err(NodeError::NotLeader { leader: other }),
+                },
+                None => return Err(NodeError::Raft(e.to_string())),
+            },
+        };
+        match self.forward(leader, RpcRequest::ReadMap, deadline).await? {
+            RpcResponse::Map { index, map } => Ok((index, map)),
+            other => Err(forward_error(other)),
+        }
+    }
+
+    async fn forward(
+        &self,
+        leader: NodeId,
+        req: RpcRequest,
+        deadline: Duration,
+    ) -> Result<RpcResponse, NodeError> {
+        let Some(addr) = self.leader_addr(leader) else {
+            return Err(NodeError::NotLeader {
+                leader: Some(leader),
+            });
+        };
+        forward(leader, &addr, &req, deadline)
+            .await
+            .map_err(|e| NodeError::Raft(format!("forward to node {leader} at {addr}: {e}")))
+    }
+
     /// Stops the node: Raft and the RPC server. Its directory keeps its durable state.
     pub async fn shutdown(self) {
         self.server.abort();
         if let Err(e) = self.raft.shutdown().await {
             tracing::warn!(error = %e, "raft shutdown");
         }
+    }
+}
+
+fn forward_error(resp: RpcResponse) -> NodeError {
+    match resp {
+        RpcResponse::NotLeader(leader) => NodeError::NotLeader { leader },
+        RpcResponse::Error(e) => NodeError::Raft(e),
+        other => NodeError::Raft(format!("unexpected reply {other:?}")),
     }
 }

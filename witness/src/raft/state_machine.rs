@@ -88,6 +88,14 @@ impl MapStateMachine {
     pub fn last_applied(&self) -> Option<LogId<NodeId>> {
         self.lock().data.last_applied
     }
+
+    /// The applied map with the log index it reflects (0 before anything was applied), read
+    /// under one lock so the two agree.
+    pub fn indexed_map(&self) -> (u64, ClusterMap) {
+        let inner = self.lock();
+        let index = inner.data.last_applied.map(|l| l.index).unwrap_or(0);
+        (index, inner.data.map.clone())
+    }
 }
 
 impl Inner {
