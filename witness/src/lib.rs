@@ -13,5 +13,6 @@
 pub mod arbiter;
 pub mod lease;
 pub mod map;
+pub mod preference;
 pub mod raft;
 pub mod sim;

@@ -406,6 +406,13 @@ impl ClusterMap {
                 let Some(state) = self.cgs.get_mut(&cg) else {
                     return rejected(Reject::NoSuchCg);
                 };
+                // The admin's pin wins over the workload: once pinned, only another pin by the
+                // admin moves the preference (DESIGN §6 "Preference").
+                if matches!(state.preference, Preference::Pinned(_))
+                    && matches!(preference, Preference::Workload(_))
+                {
+                    return rejected(Reject::PreferencePinned);
+                }
                 state.preference = preference;
                 applied(state.epoch)
             }

@@ -23,6 +23,34 @@ fn one_cg_map() -> (ClusterMap, Epoch) {
 }
 
 // Reference: DESIGN §6, "exactly one site can win".
+// DESIGN §6 "Preference": the admin's pin is never moved by the workload.
+#[test]
+fn workload_never_moves_a_pinned_preference() {
+    let (mut map, _) = one_cg_map();
+    let cg = *map.cgs.keys().next().expect("one cg");
+    let set = |p| Command::SetPreference { cg, preference: p };
+    // one_cg_map pins A.
+    assert_eq!(
+        map.apply(&set(Preference::Workload(Site::B))),
+        ApplyResult::One(Outcome::Rejected {
+            reason: Reject::PreferencePinned
+        })
+    );
+    assert_eq!(
+        map.cg(cg).map(|c| c.preference),
+        Some(Preference::Pinned(Site::A))
+    );
+    // The admin may re-pin.
+    assert!(matches!(
+        map.apply(&set(Preference::Pinned(Site::B))),
+        ApplyResult::One(Outcome::Applied { .. })
+    ));
+    assert_eq!(
+        map.cg(cg).map(|c| c.preference),
+        Some(Preference::Pinned(Site::B))
+    );
+}
+
 #[test]
 fn two_detaches_racing_on_one_epoch_have_one_winner() {
     let (mut map, e) = one_cg_map();
