@@ -442,6 +442,11 @@ impl Arbiter {
             (SiteState::InSync, SiteState::InSync) => {
                 if c.lease.may_reply(now_us, &self.cfg.lease) {
                     Serve::Yes
+                } else if c.lease.expiry_us().is_none() {
+                    // No lease yet in this epoch (just started, or the epoch just moved, as on
+                    // every rejoin): the first echo is a heartbeat away. Holding is always
+                    // safe, and failing here would hand clients an EIO for every rejoin.
+                    Serve::Hold
                 } else {
                     match self.cfg.on_lapse {
                         LapsePolicy::Eio => Serve::Eio,

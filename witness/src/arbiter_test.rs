@@ -246,3 +246,58 @@ fn suspend_policy_holds_instead_of_failing() {
         .iter()
         .any(|a| matches!(a, Action::LeaseLapsed { .. })));
 }
+
+// A rejoin moves the epoch and revokes every lease: until the first renewal in the new epoch
+// the site holds requests rather than failing them (a lapse after a lease existed still
+// fails them, per `on_lapse`).
+#[test]
+fn no_lease_yet_holds_but_a_lapsed_lease_fails() {
+    let mut map = map_preferring(Site::A);
+    let mut arb = started(Site::A, &map);
+    let e1 = map.cg(CG).unwrap().epoch;
+    map.apply(&Command::Detach {
+        cg: CG,
+        survivor: Site::A,
+        expected_epoch: e1,
+    });
+    let e2 = map.cg(CG).unwrap().epoch;
+    map.apply(&Command::StartResync {
+        cg: CG,
+        site: Site::B,
+        expected_epoch: e2,
+    });
+    map.apply(&Command::Rejoin {
+        cg: CG,
+        expected_epoch: e2,
+    });
+    let t = 20_000;
+    arb.on_map(5, &map, t);
+    assert_eq!(
+        arb.serve(CG, t),
+        Serve::Hold,
+        "no lease yet in the new epoch"
+    );
+    let hb = arb
+        .tick(t + CFG.heartbeat_interval_us)
+        .into_iter()
+        .find_map(|a| match a {
+            Action::SendHeartbeat(hb) => Some(hb),
+            _ => None,
+        })
+        .expect("a heartbeat");
+    let sent = t + CFG.heartbeat_interval_us;
+    arb.on_echo(
+        &Echo {
+            seq: hb.seq,
+            granted: vec![(CG, map.cg(CG).unwrap().epoch)],
+        },
+        sent + 1_000,
+    );
+    assert_eq!(arb.serve(CG, sent + 1_000), Serve::Yes);
+    let after = sent + CFG.lease.lease_us + 1;
+    assert_eq!(
+        arb.serve(CG, after),
+        Serve::Eio,
+        "a lapsed lease fails requests"
+    );
+}
