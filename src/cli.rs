@@ -23,6 +23,10 @@ pub enum Command {
     Serve(ServeArgs),
     /// Run one site of a stretched volume: replication to the peer site plus NBD.
     Site(SiteArgs),
+    /// Run the witness: the third voter of the control plane, at a third site.
+    Witness(WitnessArgs),
+    /// Let one site carry on alone, fencing the other (through the witness group).
+    Detach(crate::detach::DetachArgs),
     /// Create, list, grow or delete volumes in a data directory.
     #[command(subcommand)]
     Volume(VolumeCommand),
@@ -30,6 +34,11 @@ pub enum Command {
     Link(stretch_bench::LinkArgs),
     /// Latency and throughput benchmark over NBD, with hdrhistogram percentiles.
     Bench(stretch_bench::BenchArgs),
+    /// Show each site's role, epoch, link, RTT, dirty blocks and resync progress.
+    Status(crate::status::StatusArgs),
+    /// Compare a volume's two sites block by block (data CRC and stamp); exit 0 identical,
+    /// 1 differences, 2 errors.
+    Verify(crate::verify::VerifyArgs),
 }
 
 #[derive(Debug, Args)]
@@ -94,6 +103,38 @@ pub struct SiteArgs {
     /// A request replication has not answered by then fails with EIO (outcome unknown).
     #[arg(long)]
     pub request_timeout_ms: Option<u64>,
+    /// Serve the site admin API (`stretch status`, `stretch verify`) here; default: the
+    /// config's [replication] admin, else 127.0.0.1:0 (the chosen port is printed).
+    #[arg(long)]
+    pub admin: Option<std::net::SocketAddr>,
+    /// Join the witness group: this site's Raft voter listens here (enables arbitration;
+    /// see `stretch witness`).
+    #[arg(long)]
+    pub raft_listen: Option<std::net::SocketAddr>,
+    /// With --raft-listen: the site that wins a plain link cut (a or b), written into the
+    /// map when the volume's record is created.
+    #[arg(long)]
+    pub preferred: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct WitnessArgs {
+    /// Where the witness keeps its vote, Raft log and cluster map (never block data).
+    #[arg(long)]
+    pub data_dir: PathBuf,
+    /// Raft listen address of the witness.
+    #[arg(long)]
+    pub listen: std::net::SocketAddr,
+    /// Initialise a fresh group of site A, site B and this witness (a no-op if the group
+    /// already exists). Needs --site-a and --site-b.
+    #[arg(long)]
+    pub bootstrap: bool,
+    /// Site A's Raft address (its --raft-listen).
+    #[arg(long)]
+    pub site_a: Option<std::net::SocketAddr>,
+    /// Site B's Raft address.
+    #[arg(long)]
+    pub site_b: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Args)]
@@ -114,6 +155,9 @@ pub struct UpArgs {
     /// Where the link emulator serves its Toxiproxy-compatible admin API (`stretch link ...`).
     #[arg(long, default_value = "127.0.0.1:8474")]
     pub link_admin: String,
+    /// Address the witness's Raft voter binds (a third loopback address: a third "site").
+    #[arg(long, default_value = "127.0.0.3")]
+    pub witness_ip: std::net::IpAddr,
     /// Name of the volume to create.
     #[arg(long, default_value = "vol0")]
     pub volume: String,

@@ -27,6 +27,12 @@
 //! listen = "0.0.0.0:10900"    # this site accepts the link... (or)
 //! # peer = "10.0.0.2:10900"   # ...this site dials it
 //! request_timeout_ms = 60000
+//! admin = "127.0.0.1:10920"   # the site admin API (`stretch status`, `stretch verify`)
+//!
+//! [control]                   # `stretch site` with a witness (DESIGN.md §6)
+//! raft_listen = "0.0.0.0:10910"  # this site's voter; `stretch witness --bootstrap` names it
+//! preferred = "a"             # who wins a plain link cut (written when the volume is created)
+//! on_lapse = "eio"            # eio | suspend: a site whose lease lapsed
 //! ```
 
 use std::net::SocketAddr;
@@ -51,6 +57,25 @@ pub struct Config {
     /// Replication to the peer site (`stretch site`); `stretch serve` ignores it.
     #[serde(default)]
     pub replication: Option<ReplicationConfig>,
+    /// The control plane (`stretch site` with a witness); without it the sites run with a
+    /// fixed map and a lost peer stalls writes until it returns.
+    #[serde(default)]
+    pub control: Option<ControlConfig>,
+}
+
+/// `[control]`: this site's voter in the witness group (DESIGN.md §6).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ControlConfig {
+    /// Where this site's Raft voter listens.
+    pub raft_listen: SocketAddr,
+    /// The site that wins a plain link cut, written into the map when the volume's record is
+    /// created: "a" (default) or "b".
+    #[serde(default)]
+    pub preferred: Option<String>,
+    /// What a site whose lease lapsed does with requests: "eio" (default) or "suspend".
+    #[serde(default)]
+    pub on_lapse: Option<String>,
 }
 
 /// `[replication]`: one site of a stretched volume.
@@ -70,6 +95,10 @@ pub struct ReplicationConfig {
     /// A request replication has not answered by then fails with EIO (outcome unknown).
     #[serde(default = "default_request_timeout_ms")]
     pub request_timeout_ms: u64,
+    /// The site admin API (`stretch status`, `stretch verify`); default 127.0.0.1:0 (port
+    /// chosen at start and printed as `admin http://ADDR`).
+    #[serde(default)]
+    pub admin: Option<SocketAddr>,
 }
 
 fn default_request_timeout_ms() -> u64 {
@@ -178,10 +207,23 @@ impl Config {
             engine: EngineConfig::default(),
             volumes: Vec::new(),
             replication: None,
+            control: None,
         }
     }
 
     fn validate(&self) -> anyhow::Result<()> {
+        if let Some(c) = &self.control {
+            if let Some(p) = &c.preferred {
+                if !matches!(p.as_str(), "a" | "b") {
+                    bail!("[control] preferred must be \"a\" or \"b\", not {p:?}");
+                }
+            }
+            if let Some(l) = &c.on_lapse {
+                if !matches!(l.as_str(), "eio" | "suspend") {
+                    bail!("[control] on_lapse must be \"eio\" or \"suspend\", not {l:?}");
+                }
+            }
+        }
         if let Some(r) = &self.replication {
             if !matches!(r.site.as_str(), "a" | "b") {
                 bail!(

@@ -1,13 +1,15 @@
 //! `stretch site`: one site of a stretched volume — the local engine volume, replication to
 //! the peer site under the `sync` policy, and NBD for the hypervisor (DESIGN.md §1).
 //!
-//! Until the witness lands the cluster map is fixed: both sites in sync at epoch 1, nothing
-//! fenced. A site that loses its peer keeps every write waiting (never acknowledging one the
-//! peer has not applied) until the link returns or the request times out with EIO; only a
-//! committed detach may let one site carry on alone.
+//! With `--raft-listen` (or `[control]`) the site joins the witness group and the cluster map
+//! moves: detach, resync and rejoin are decided there (src/control.rs). Without it the map is
+//! fixed: both sites in sync at epoch 1, nothing fenced, and a site that loses its peer keeps
+//! every write waiting (never acknowledging one the peer has not applied) until the link
+//! returns or the request times out with EIO.
 //!
-//! Output: `repl://ADDR` (listening site only) and then one `nbd://ADDR/VOLUME` per NBD
-//! listener on stdout, once listening; logs go to stderr.
+//! Output: `repl://ADDR` (listening site only), `admin http://ADDR` (the site admin API,
+//! src/admin.rs) and then one `nbd://ADDR/VOLUME` per NBD listener on stdout, once
+//! listening; logs go to stderr (with resync progress every ~2 s while one runs).
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -18,6 +20,7 @@ use tracing::info;
 
 use crate::cli::SiteArgs;
 use crate::config::{parse_size, Config};
+use crate::control::{ControlPlane, ControlSettings};
 use crate::serve::NbdListeners;
 use stretch_engine::{BlockDevice, IoEngineKind, Volume, VolumeConfig};
 use stretch_nbd::Export;
@@ -25,6 +28,7 @@ use stretch_replicator::core::{Config as ReplicaConfig, MapView, Role};
 use stretch_replicator::driver::DriverConfig;
 use stretch_replicator::link::{LinkConfig, LinkMode};
 use stretch_replicator::{ReplicatedOptions, ReplicatedVolume};
+use stretch_witness::map::Site;
 
 /// The epoch both sites start in while the cluster map is fixed (no witness yet).
 const FIXED_EPOCH: u32 = 1;
@@ -42,6 +46,10 @@ pub(crate) struct Settings {
     pub(crate) nbd: crate::config::NbdConfig,
     pub(crate) volume_config: VolumeConfig,
     pub(crate) request_timeout_ms: u64,
+    /// Where the site admin API listens (`stretch status`, `stretch verify`).
+    pub(crate) admin: SocketAddr,
+    /// The witness group; `None` runs with the fixed map (no arbitration).
+    pub(crate) control: Option<ControlSettings>,
 }
 
 fn settings(args: SiteArgs) -> anyhow::Result<Settings> {
@@ -110,17 +118,49 @@ fn settings(args: SiteArgs) -> anyhow::Result<Settings> {
         .request_timeout_ms
         .or_else(|| repl.map(|r| r.request_timeout_ms))
         .unwrap_or(60_000);
+    let admin = args
+        .admin
+        .or_else(|| repl.and_then(|r| r.admin))
+        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
+    let data_dir = args.data_dir.unwrap_or(config.data_dir);
+    let control_file = config.control.as_ref();
+    let control = match args
+        .raft_listen
+        .or_else(|| control_file.map(|c| c.raft_listen))
+    {
+        None => None,
+        Some(raft_listen) => {
+            let preferred = args
+                .preferred
+                .or_else(|| control_file.and_then(|c| c.preferred.clone()))
+                .unwrap_or_else(|| "a".into());
+            let mut arbiter = crate::control::default_arbiter_config();
+            if control_file.and_then(|c| c.on_lapse.as_deref()) == Some("suspend") {
+                arbiter.on_lapse = stretch_witness::arbiter::LapsePolicy::Suspend;
+            }
+            Some(ControlSettings {
+                raft_listen,
+                dir: data_dir.join(format!("control-{site_name}")),
+                arbiter,
+                join_timeout: std::time::Duration::from_secs(120),
+                preference: crate::control::parse_site(&preferred)?,
+                workload: stretch_witness::preference::PreferenceConfig::default(),
+            })
+        }
+    };
     Ok(Settings {
         site_name,
         site,
         cluster_id,
         link,
-        data_dir: args.data_dir.unwrap_or(config.data_dir),
+        data_dir,
         volume,
         size_bytes,
         nbd,
         volume_config,
         request_timeout_ms,
+        admin,
+        control,
     })
 }
 
@@ -129,6 +169,7 @@ pub async fn run(args: SiteArgs) -> anyhow::Result<()> {
     if let Some(repl) = site.repl {
         println!("repl://{repl}");
     }
+    println!("admin http://{}", site.admin.addr());
     for uri in &site.uris {
         println!("{uri}");
     }
@@ -141,8 +182,12 @@ pub async fn run(args: SiteArgs) -> anyhow::Result<()> {
 pub(crate) struct RunningSite {
     nbd: NbdListeners<ReplicatedVolume>,
     device: Arc<ReplicatedVolume>,
+    /// The control plane, when the site runs with a witness.
+    pub(crate) control: Option<ControlPlane>,
     /// Where this site accepts the replication link, if it is the listening side.
     pub(crate) repl: Option<SocketAddr>,
+    /// The site admin API (stops with the site).
+    pub(crate) admin: crate::admin::AdminServer,
     /// One URI of the volume per NBD listener (`nbd://ADDR/VOLUME`, `nbd+unix:///VOLUME?socket=`).
     pub(crate) uris: Vec<String>,
 }
@@ -151,6 +196,9 @@ impl RunningSite {
     /// Stops accepting, lets in-flight requests finish, then returns.
     pub(crate) async fn stop(self) {
         self.nbd.stop().await;
+        if let Some(control) = self.control {
+            control.stop().await;
+        }
         info!(
             driver = ?self.device.driver_stats(),
             link = ?self.device.link_stats(),
@@ -182,15 +230,33 @@ pub(crate) async fn start(s: Settings) -> anyhow::Result<RunningSite> {
     // its outbound queue was full. A short timer would resend writes the peer is still
     // applying, and every resend costs a full write's bytes on the link.
     replica.retransmit_after_us = 1_000_000;
-    let map = MapView {
-        role: Role::InSync,
-        epoch: FIXED_EPOCH,
-        fenced_before: [0, 0],
+    // With a witness, the site serves nothing before a linearizable read of the map says
+    // where it stands (DESIGN.md §6); without one, the map is fixed.
+    let mut control = match &s.control {
+        Some(c) => {
+            let me = if s.site == 0 { Site::A } else { Site::B };
+            Some(ControlPlane::join(c, me, id, volume.size_bytes()).await?)
+        }
+        None => None,
+    };
+    let map = match &control {
+        Some(c) => c.initial_view,
+        None => MapView {
+            role: Role::InSync,
+            epoch: FIXED_EPOCH,
+            fenced_before: [0, 0],
+        },
     };
     let data_path = volume.info().data_path;
+    let mut link_config = LinkConfig::new(s.cluster_id);
+    let control_rx = control.as_ref().map(|_| {
+        let (tx, rx) = tokio::sync::mpsc::channel(crate::control::CONTROL_QUEUE_MAX);
+        link_config.control_in = Some(tx);
+        rx
+    });
     let mut options = ReplicatedOptions::new(
         DriverConfig::new(data_path.with_extension("divergent")),
-        LinkConfig::new(s.cluster_id),
+        link_config,
     );
     options.request_timeout_ms = s.request_timeout_ms;
     let mut repl = None;
@@ -210,6 +276,10 @@ pub(crate) async fn start(s: Settings) -> anyhow::Result<RunningSite> {
     let device = ReplicatedVolume::start(volume.clone(), replica, map, mode, options)
         .map_err(|e| anyhow::anyhow!("start replication: {e}"))?;
     let device = Arc::new(device);
+    if let (Some(c), Some(rx)) = (control.as_mut(), control_rx) {
+        device.set_gate(c.gate());
+        c.run(device.clone(), rx);
+    }
     info!(
         site = %s.site_name,
         volume = %s.volume,
@@ -224,12 +294,29 @@ pub(crate) async fn start(s: Settings) -> anyhow::Result<RunningSite> {
         device: device.clone(),
         read_only: false,
     }];
+    // The admin API starts before NBD, so a client that sees the NBD URIs can also ask the
+    // site for its status.
+    let admin = crate::admin::AdminServer::start(
+        s.admin,
+        crate::admin::AdminState::new(
+            s.site_name.clone(),
+            s.volume.clone(),
+            device.clone(),
+            map.epoch,
+        ),
+    )
+    .await?;
+    if let Some(c) = &control {
+        admin.state.set_control(c.view());
+    }
     let nbd = NbdListeners::start(&s.nbd, exports).await?;
     let uris = nbd.endpoints.iter().map(|e| e.uri(&s.volume)).collect();
     Ok(RunningSite {
         nbd,
         device,
+        control,
         repl,
+        admin,
         uris,
     })
 }

@@ -1,9 +1,11 @@
 //! `stretch up`: a ready-to-use local stretched cluster — site A and site B, each serving the
 //! same volume over NBD, replicating synchronously through the link emulator with an emulated
-//! RTT (default 5 ms) — printing both URIs and how to cut the link.
+//! RTT (default 5 ms), and a witness on 127.0.0.3 that arbitrates when the link is cut —
+//! printing both URIs and how to cut the link.
 //!
-//! The witness is not part of it yet: a cut link makes writes wait (never acknowledged at one
-//! site only) until the link heals or the request times out.
+//! The three Raft voters talk directly; only the replication link (which also carries the
+//! leases) crosses the emulator. So a cut link is arbitrated: the preferred site (A) carries
+//! on alone within about a second, B fails I/O with EIO, and a heal resyncs and rejoins B.
 
 use std::path::PathBuf;
 
@@ -11,6 +13,7 @@ use anyhow::Context;
 
 use crate::cli::UpArgs;
 use crate::config::{check_volume_size, parse_size, NbdConfig};
+use crate::control::ControlSettings;
 use crate::site::{self, Settings};
 use stretch_bench::link::LinkEmulator;
 use stretch_engine::{IoEngineKind, VolumeConfig};
@@ -29,6 +32,16 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         Some(dir) => dir,
         None => fresh_data_dir()?,
     };
+    // The voters' addresses must be known before the group is bootstrapped: reserve ports.
+    let raft_a = free_port(args.listen.ip())?;
+    let raft_b = free_port(args.listen_b.ip())?;
+    let witness = crate::witness::start(
+        base.join("witness"),
+        std::net::SocketAddr::new(args.witness_ip, 0),
+        Some((raft_a, raft_b)),
+    )
+    .await
+    .context("start the witness")?;
     let settings = |name: &str, site: u8, link, listen| Settings {
         site_name: name.into(),
         site,
@@ -46,14 +59,21 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             ..VolumeConfig::default()
         },
         request_timeout_ms: 60_000,
+        // The admin API on the site's own address, port chosen at start.
+        admin: std::net::SocketAddr::new(listen.ip(), 0),
+        control: Some(ControlSettings {
+            raft_listen: if site == 0 { raft_a } else { raft_b },
+            dir: base.join(format!("site-{name}")).join("control"),
+            arbiter: crate::control::default_arbiter_config(),
+            join_timeout: std::time::Duration::from_secs(30),
+            preference: stretch_witness::map::Site::A,
+            workload: stretch_witness::preference::PreferenceConfig::default(),
+        }),
     };
     // Site A accepts the replication link; the emulator sits in front of it; B dials the
     // emulator. So every replication byte between the sites crosses the emulated distance.
-    let any_port = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
-    let site_a = site::start(settings("a", 0, Ok(any_port), args.listen))
-        .await
-        .context("start site A")?;
-    let repl_a = site_a.repl.context("site A has no replication listener")?;
+    // Both sites start together: a site that waits long for its peer detaches it.
+    let repl_a = free_port(args.listen.ip())?;
     let mut link = LinkEmulator::start("127.0.0.1:0", &repl_a.to_string())
         .context("start the link emulator")?;
     link.set_rtt(args.rtt);
@@ -61,9 +81,12 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         .serve_admin(&args.link_admin)
         .await
         .with_context(|| format!("serve the link emulator's admin API on {}", args.link_admin))?;
-    let site_b = site::start(settings("b", 1, Err(link.listen_addr()), args.listen_b))
-        .await
-        .context("start site B")?;
+    let (site_a, site_b) = tokio::join!(
+        site::start(settings("a", 0, Ok(repl_a), args.listen)),
+        site::start(settings("b", 1, Err(link.listen_addr()), args.listen_b)),
+    );
+    let site_a = site_a.context("start site A")?;
+    let site_b = site_b.context("start site B")?;
 
     let uri_a = &site_a.uris[0];
     let uri_b = &site_b.uris[0];
@@ -82,15 +105,36 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     println!();
     println!("the link between the sites (Toxiproxy API on {admin}):");
     println!("  stretch link set --rtt 20ms --admin {admin}");
-    println!("  stretch link partition --admin {admin}   # writes wait: none is acknowledged at one site only");
-    println!("  stretch link heal --admin {admin}");
+    println!(
+        "  stretch link partition --admin {admin}   # A carries on alone in ~1 s; B fails I/O"
+    );
+    println!("  stretch link heal --admin {admin}        # B resyncs what changed, then rejoins");
+    println!();
+    println!("the witness (Raft voter 3) is at {}", witness.addr);
+    println!();
+    println!("both sites' state, and a block-by-block comparison:");
+    let (admin_a, admin_b) = (site_a.admin.addr(), site_b.admin.addr());
+    println!("  stretch status --site http://{admin_a} --site http://{admin_b}");
+    println!(
+        "  stretch verify {} --site http://{admin_a} --site http://{admin_b}",
+        args.volume
+    );
     println!();
     println!("Ctrl-C stops it (the data directory is kept).");
     crate::serve::wait_for_shutdown_signal().await;
     site_b.stop().await;
     site_a.stop().await;
+    witness.stop().await;
     drop(link);
     Ok(())
+}
+
+/// A port free on `ip` right now (bound and released). Only `stretch up` uses this, on a
+/// single machine, to name the voters before they start.
+fn free_port(ip: std::net::IpAddr) -> anyhow::Result<std::net::SocketAddr> {
+    let l = std::net::TcpListener::bind((ip, 0))
+        .with_context(|| format!("find a free port on {ip}"))?;
+    l.local_addr().context("read a reserved port")
 }
 
 fn fresh_data_dir() -> anyhow::Result<PathBuf> {

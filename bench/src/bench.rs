@@ -127,6 +127,21 @@ pub struct BenchArgs {
     /// No progress line on stderr.
     #[arg(long)]
     pub quiet: bool,
+    /// Measure failover instead: cut the link through this link-emulator admin API (e.g.
+    /// `stretch up`'s 127.0.0.1:8474) while writing to --target, and time the pause until the
+    /// surviving site acknowledges alone.
+    #[arg(long, value_name = "ADMIN")]
+    pub failover: Option<String>,
+    /// With --failover: the other site's URI; each run waits until it serves again (resynced
+    /// and rejoined) before cutting.
+    #[arg(long)]
+    pub standby: Option<String>,
+    /// With --failover: how many cuts.
+    #[arg(long, default_value_t = 5)]
+    pub runs: u32,
+    /// With --failover: the emulator's proxy name.
+    #[arg(long, default_value = "link")]
+    pub proxy: String,
 }
 
 /// A target to measure: given by URI, or a server this run starts.
@@ -385,6 +400,29 @@ async fn run_case(
 
 /// Runs `stretch bench`.
 pub async fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
+    if let Some(admin) = &args.failover {
+        let [target] = args.targets.as_slice() else {
+            bail!("--failover measures one --target (the site expected to survive)");
+        };
+        let report = crate::failover::run_failover(
+            target,
+            args.standby.as_deref(),
+            admin,
+            &args.proxy,
+            args.runs.max(1),
+            args.quiet,
+        )
+        .await?;
+        println!("\n{}", report.to_markdown());
+        if let Some(dir) = &args.out {
+            std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+            let p = dir.join("failover.json");
+            std::fs::write(&p, serde_json::to_string_pretty(&report)?)
+                .with_context(|| format!("write {}", p.display()))?;
+            eprintln!("wrote {}", p.display());
+        }
+        return Ok(());
+    }
     let report = run_bench_report(&args).await?;
     println!("\n{}", report.to_markdown());
     if let Some(dir) = &args.out {

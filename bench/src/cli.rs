@@ -104,40 +104,9 @@ pub async fn run_link(args: LinkArgs) -> anyhow::Result<()> {
         LinkCommand::Serve(a) => serve(a).await,
         LinkCommand::Set(a) => set(a).await,
         LinkCommand::Partition(a) => {
-            for &s in a.direction.streams() {
-                let body = json!({"name": format!("partition_{}", s.as_str()), "type": "partition", "stream": s.as_str()});
-                let (code, resp) = http::call(
-                    &a.target.admin,
-                    "POST",
-                    &toxics_path(&a.target.proxy),
-                    Some(&body),
-                )
-                .await?;
-                // 409: already partitioned that way, which is the state asked for.
-                if code != 200 && code != 409 {
-                    bail!("partition {}: HTTP {code}: {resp}", s.as_str());
-                }
-            }
-            Ok(())
+            partition_link(&a.target.admin, &a.target.proxy, a.direction).await
         }
-        LinkCommand::Heal(t) => {
-            let (code, list) = http::call(&t.admin, "GET", &toxics_path(&t.proxy), None).await?;
-            if code != 200 {
-                bail!("list toxics: HTTP {code}: {list}");
-            }
-            for toxic in list.as_array().map(Vec::as_slice).unwrap_or_default() {
-                let kind = toxic["type"].as_str().unwrap_or("");
-                if kind == "partition" || kind == "timeout" {
-                    let name = toxic["name"].as_str().unwrap_or("");
-                    let path = format!("{}/{name}", toxics_path(&t.proxy));
-                    let (code, resp) = http::call(&t.admin, "DELETE", &path, None).await?;
-                    if code != 204 && code != 404 {
-                        bail!("remove {name}: HTTP {code}: {resp}");
-                    }
-                }
-            }
-            Ok(())
-        }
+        LinkCommand::Heal(t) => heal_link(&t.admin, &t.proxy).await,
         LinkCommand::Status(t) => {
             let (code, resp) =
                 http::call(&t.admin, "GET", &format!("/proxies/{}", t.proxy), None).await?;
@@ -148,6 +117,39 @@ pub async fn run_link(args: LinkArgs) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// Cuts `proxy` in `direction` through the Toxiproxy admin API at `admin`.
+pub async fn partition_link(admin: &str, proxy: &str, direction: Direction) -> anyhow::Result<()> {
+    for &s in direction.streams() {
+        let body = json!({"name": format!("partition_{}", s.as_str()), "type": "partition", "stream": s.as_str()});
+        let (code, resp) = http::call(admin, "POST", &toxics_path(proxy), Some(&body)).await?;
+        // 409: already partitioned that way, which is the state asked for.
+        if code != 200 && code != 409 {
+            bail!("partition {}: HTTP {code}: {resp}", s.as_str());
+        }
+    }
+    Ok(())
+}
+
+/// Removes every partition and timeout toxic of `proxy`.
+pub async fn heal_link(admin: &str, proxy: &str) -> anyhow::Result<()> {
+    let (code, list) = http::call(admin, "GET", &toxics_path(proxy), None).await?;
+    if code != 200 {
+        bail!("list toxics: HTTP {code}: {list}");
+    }
+    for toxic in list.as_array().map(Vec::as_slice).unwrap_or_default() {
+        let kind = toxic["type"].as_str().unwrap_or("");
+        if kind == "partition" || kind == "timeout" {
+            let name = toxic["name"].as_str().unwrap_or("");
+            let path = format!("{}/{name}", toxics_path(proxy));
+            let (code, resp) = http::call(admin, "DELETE", &path, None).await?;
+            if code != 204 && code != 404 {
+                bail!("remove {name}: HTTP {code}: {resp}");
+            }
+        }
+    }
+    Ok(())
 }
 
 fn toxics_path(proxy: &str) -> String {

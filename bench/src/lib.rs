@@ -1,8 +1,11 @@
 //! stretch-bench: the link emulator (a Toxiproxy-compatible TCP fault proxy) and the NBD
-//! latency benchmark behind `stretch link` and `stretch bench`.
+//! latency benchmark behind `stretch link` and `stretch bench`, and the minimal HTTP server
+//! ([`http`]) that carries both the emulator's admin API and the site admin API.
 
 pub mod bench;
 pub mod cli;
+pub mod failover;
+pub mod http;
 pub mod link;
 pub mod plot;
 pub mod report;

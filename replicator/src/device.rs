@@ -102,6 +102,8 @@ pub struct ReplicatedVolume {
     mutation_permits: Semaphore,
     read_permits: Semaphore,
     next_id: AtomicU64,
+    /// Bytes of client writes acknowledged here (the control plane's workload measure).
+    written_bytes: AtomicU64,
     request_timeout: Duration,
     driver_stats: Arc<Mutex<DriverStats>>,
     link_stats: Arc<Mutex<LinkStats>>,
@@ -174,11 +176,17 @@ impl ReplicatedVolume {
             mutation_permits,
             read_permits,
             next_id: AtomicU64::new(1),
+            written_bytes: AtomicU64::new(0),
             request_timeout: Duration::from_millis(options.request_timeout_ms),
             driver_stats,
             link_stats,
             tasks: vec![link_task, ticker],
         })
+    }
+
+    /// Bytes of client writes acknowledged at this site since start.
+    pub fn written_bytes(&self) -> u64 {
+        self.written_bytes.load(Ordering::Relaxed)
     }
 
     pub fn driver_stats(&self) -> DriverStats {
@@ -418,7 +426,9 @@ impl BlockDevice for ReplicatedVolume {
             lba,
             data: bytes,
         })
-        .await
+        .await?;
+        self.written_bytes.fetch_add(len, Ordering::Relaxed);
+        Ok(())
     }
 
     async fn flush(&self) -> Result<(), BlockError> {

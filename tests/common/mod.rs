@@ -45,6 +45,8 @@ pub struct Site {
     pub uris: Vec<String>,
     /// The replication listen address a listening `stretch site` printed.
     pub repl: Option<String>,
+    /// The site admin API's address (`HOST:PORT`) a `stretch site` printed.
+    pub admin: Option<String>,
     pub data_dir: PathBuf,
     stdout_lines: mpsc::Receiver<String>,
 }
@@ -69,12 +71,21 @@ impl Site {
         Site::spawn(cmd, data_dir, "stretch site")
     }
 
-    /// Spawns a daemon and collects the `nbd://`, `nbd+unix://` and `repl://` lines it prints
-    /// once listening.
+    /// Like `stretch_site`, with the daemon's log (stderr) going to `stderr` (e.g. a file a
+    /// test reads) instead of the test's own stderr.
+    pub fn stretch_site_logged(data_dir: &Path, args: &[&str], stderr: Stdio) -> Site {
+        let mut cmd = Command::new(stretch_bin());
+        cmd.arg("site").arg("--data-dir").arg(data_dir).args(args);
+        cmd.stderr(stderr);
+        Site::spawn(cmd, data_dir, "stretch site")
+    }
+
+    /// Spawns a daemon and collects the `nbd://`, `nbd+unix://`, `repl://` and
+    /// `admin http://` lines it prints once listening.
     fn spawn(mut cmd: Command, data_dir: &Path, what: &str) -> Site {
+        // A stderr the caller chose is kept (`Command` remembers it); otherwise it is inherited.
         let mut child = cmd
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {what}: {e}"));
         let stdout = child.stdout.take().expect("stdout is piped");
@@ -88,6 +99,7 @@ impl Site {
         });
         let mut uris = Vec::new();
         let mut repl = None;
+        let mut admin = None;
         let deadline = Instant::now() + Duration::from_secs(30);
         // The server prints every URI at once after binding; the first line proves it listens,
         // and a short quiet period collects the rest.
@@ -103,6 +115,9 @@ impl Site {
                 }
                 Ok(line) if line.starts_with("repl://") => {
                     repl = Some(line["repl://".len()..].to_string())
+                }
+                Ok(line) if line.starts_with("admin http://") => {
+                    admin = Some(line["admin http://".len()..].to_string())
                 }
                 Ok(_) => {}
                 Err(mpsc::RecvTimeoutError::Timeout) if !uris.is_empty() => break,
@@ -122,6 +137,7 @@ impl Site {
             child,
             uris,
             repl,
+            admin,
             data_dir: data_dir.to_path_buf(),
             stdout_lines: rx,
         }

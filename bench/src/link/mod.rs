@@ -1,6 +1,7 @@
 //! The link emulator: a TCP proxy that adds delay, jitter, bandwidth caps, loss-as-stall,
 //! partitions and resets between a listen address and an upstream, changed live through a
-//! Toxiproxy-compatible HTTP API (`http.rs`, `api.rs`) or from Rust (`LinkEmulator`).
+//! Toxiproxy-compatible HTTP API (`api.rs`, served by [`crate::http`]) or from Rust
+//! (`LinkEmulator`).
 //!
 //! Every fault is a toxic on a proxy (`toxic.rs`); `LinkEmulator` only names toxics the way
 //! Toxiproxy's defaults would (`latency_upstream`, ...), so a Toxiproxy client sees and can

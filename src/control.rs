@@ -1,0 +1,847 @@
+//! The site's control plane (DESIGN.md §6): this site's voter in the witness group, its
+//! [`Arbiter`], and the glue that turns their decisions into what the data path does.
+//!
+//! - **Start.** The site joins the Raft group as voter A (1) or B (2) and serves nothing until
+//!   a linearizable read of the map (forwarded to the leader) tells it where it stands. If the
+//!   map has no record of the volume yet, the site proposes its creation (both sites may; the
+//!   second proposal is refused as a duplicate). The replica then starts in the role that map
+//!   gives it.
+//! - **Leases.** The arbiter's heartbeats and echoes travel the replication link as
+//!   `Kind::Control` frames, so a lease lapses exactly when that link stops carrying writes.
+//!   The replicated volume asks the [`ServeGate`] before every request and again before a
+//!   read's data leaves; the gate is `Arbiter::serve`.
+//! - **Detach.** The arbiter proposes it; the map moving is seen in this node's applied map.
+//!   The loser's replica learns it at once (fails every queued request with EIO). The
+//!   survivor's replica learns it only once the survivor's wait `L·(1+ρ)+δ` is over, because
+//!   learning it makes the replica acknowledge its pending writes alone.
+//! - **Resync and rejoin.** The survivor proposes `StartResync` once it hears the detached
+//!   site again, and `Rejoin` once its replica reports the resync complete in the current
+//!   epoch (`DriverStats::resync_complete_epoch`).
+//!
+//! Time is `CLOCK_BOOTTIME` (it keeps counting across a suspend, so a suspended site cannot
+//! wake up believing its lease is still young).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use stretch_replicator::core::{Event, MapView, Role};
+use stretch_replicator::{GateAnswer, ReplicatedVolume, ServeGate};
+use stretch_witness::arbiter::{
+    Action, Arbiter, ArbiterConfig, Echo, Heartbeat, LapsePolicy, Serve,
+};
+use stretch_witness::lease::LeaseConfig;
+use stretch_witness::map::{
+    AckPolicy, ApplyResult, CgState, ClusterMap, Command, Epoch, Outcome, Preference, Site,
+    SiteState,
+};
+use stretch_witness::preference::{PreferenceConfig, PreferenceTracker};
+use stretch_witness::raft::node::WitnessNode;
+use stretch_witness::raft::{NODE_A, NODE_B};
+
+/// How often the control loop runs its timers.
+const TICK: Duration = Duration::from_millis(5);
+/// Deadline of one proposal or forwarded read.
+const RAFT_DEADLINE: Duration = Duration::from_secs(2);
+/// Proposals in flight at once; a timer that wants more waits for its next turn.
+const PROPOSALS_IN_FLIGHT_MAX: usize = 4;
+/// The survivor re-proposes `StartResync` this often while the peer stays detached.
+const START_RESYNC_RETRY: Duration = Duration::from_secs(1);
+/// Control frames queued from the link before the loop takes them.
+pub(crate) const CONTROL_QUEUE_MAX: usize = 256;
+
+/// Control-plane settings of a site.
+#[derive(Clone, Debug)]
+pub(crate) struct ControlSettings {
+    /// Where this site's Raft voter listens (the witness and the peer site dial it).
+    pub(crate) raft_listen: SocketAddr,
+    /// Raft log, vote, snapshots and the incarnation counter.
+    pub(crate) dir: PathBuf,
+    pub(crate) arbiter: ArbiterConfig,
+    /// How long start waits for the witness group to answer before giving up.
+    pub(crate) join_timeout: Duration,
+    /// The preferred site written into the map when this site creates the volume's record.
+    pub(crate) preference: Site,
+    /// How the preference follows the workload.
+    pub(crate) workload: PreferenceConfig,
+}
+
+/// Timers tuned for a failover within 2 s (DESIGN §6: detection + preference delay +
+/// election + `L·(1+ρ)+δ`): the peer is declared lost after 300 ms without a renewal; a
+/// lease lasts 600 ms; ρ allows 0.1% rate difference; δ 50 ms of pause.
+pub(crate) fn default_arbiter_config() -> ArbiterConfig {
+    ArbiterConfig {
+        lease: LeaseConfig {
+            lease_us: 600_000,
+            rho_ppm: 1_000,
+            delta_us: 50_000,
+        },
+        peer_timeout_us: 300_000,
+        heartbeat_interval_us: 50_000,
+        read_index_interval_us: 250_000,
+        preference_delay_us: 300_000,
+        propose_retry_us: 500_000,
+        on_lapse: LapsePolicy::Eio,
+    }
+}
+
+/// What travels in a `Kind::Control` frame.
+#[derive(Debug, Serialize, Deserialize)]
+enum ControlMsg {
+    Heartbeat(Heartbeat),
+    Echo(Echo),
+    /// Bytes of client writes the sender acknowledged in its last preference window.
+    Workload {
+        window_bytes: u64,
+    },
+}
+
+/// The site's `CLOCK_BOOTTIME` in µs.
+pub(crate) fn boottime_us() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec that outlives the call; clock_gettime only
+    // writes into it.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    if rc != 0 {
+        // Linux has had CLOCK_BOOTTIME since 2.6.39; failing here means a broken sandbox.
+        // Time standing still makes leases lapse and nothing be served: the safe side.
+        return 0;
+    }
+    let secs = u64::try_from(ts.tv_sec).unwrap_or(0);
+    let nanos = u64::try_from(ts.tv_nsec).unwrap_or(0);
+    secs.saturating_mul(1_000_000).saturating_add(nanos / 1_000)
+}
+
+/// The replicator's 32-bit accept epoch of a map epoch: the `force-survivor` generation in
+/// the top 8 bits, the epoch number in the low 24 (docs/design-witness.md). Ordered like the
+/// map's epochs while both fit, which `epoch_u32` checks.
+pub(crate) fn epoch_u32(e: Epoch) -> anyhow::Result<u32> {
+    if e.generation >= 1 << 8 || e.n >= 1 << 24 {
+        bail!(
+            "epoch {}.{} does not fit the replicator's 32-bit accept epoch",
+            e.generation,
+            e.n
+        );
+    }
+    Ok(((e.generation as u32) << 24) | e.n as u32)
+}
+
+fn site_idx(site: Site) -> u8 {
+    site.idx() as u8
+}
+
+/// The replica's view of a CG as the map has it.
+pub(crate) fn map_view(cg: &CgState, me: Site) -> anyhow::Result<MapView> {
+    let role = match (cg.state(me), cg.state(me.peer())) {
+        (SiteState::InSync, SiteState::InSync) => Role::InSync,
+        (SiteState::InSync, _) => Role::Survivor,
+        _ => Role::Loser,
+    };
+    Ok(MapView {
+        role,
+        epoch: epoch_u32(cg.epoch)?,
+        fenced_before: [
+            epoch_u32(cg.fenced_before[0])?,
+            epoch_u32(cg.fenced_before[1])?,
+        ],
+    })
+}
+
+/// A bounded counter of a persisted start number: heartbeat ids of different incarnations
+/// of this site must never collide (see `Arbiter::new`).
+fn next_incarnation(dir: &std::path::Path) -> anyhow::Result<u32> {
+    let path = dir.join("incarnation");
+    let previous = match std::fs::read_to_string(&path) {
+        Ok(text) => text
+            .trim()
+            .parse::<u32>()
+            .with_context(|| format!("{} is not a number", path.display()))?,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => 0,
+        Err(err) => return Err(err).with_context(|| format!("read {}", path.display())),
+    };
+    let next = previous.wrapping_add(1);
+    let tmp = dir.join("incarnation.tmp");
+    {
+        use std::io::Write as _;
+        let mut f = std::fs::File::create(&tmp)?;
+        writeln!(f, "{next}")?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, &path)?;
+    std::fs::File::open(dir)?.sync_all()?;
+    Ok(next)
+}
+
+/// What `stretch status` shows of the control plane.
+#[derive(Clone, Debug, Default, Serialize)]
+pub(crate) struct ControlStatus {
+    pub(crate) raft_node: u64,
+    pub(crate) raft_leader: Option<u64>,
+    pub(crate) raft_term: u64,
+    pub(crate) cg: u64,
+    pub(crate) epoch: String,
+    pub(crate) site_states: [String; 2],
+    pub(crate) preference: String,
+    pub(crate) policy: String,
+    /// What the gate answers now: serve, hold or fail.
+    pub(crate) serving: String,
+    /// Survivor only: the other site is detached and every write has one copy.
+    pub(crate) single_copy: bool,
+    pub(crate) proposals: u64,
+    pub(crate) last_error: Option<String>,
+}
+
+struct Shared {
+    me: Site,
+    cg: u64,
+    volume_id: u64,
+    arbiter: Mutex<Arbiter>,
+    status: Mutex<ControlStatus>,
+}
+
+impl Shared {
+    fn arbiter(&self) -> MutexGuard<'_, Arbiter> {
+        // The arbiter's state stays consistent even if a holder panicked: every method
+        // leaves it whole.
+        self.arbiter.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+struct Gate(Arc<Shared>);
+
+impl ServeGate for Gate {
+    fn check(&self) -> GateAnswer {
+        match self.0.arbiter().serve(self.0.cg, boottime_us()) {
+            Serve::Yes => GateAnswer::Serve,
+            Serve::Hold => GateAnswer::Hold,
+            Serve::Eio => GateAnswer::Fail,
+        }
+    }
+}
+
+/// A site's control plane, joined and holding the map it started from.
+pub(crate) struct ControlPlane {
+    node: Arc<WitnessNode>,
+    shared: Arc<Shared>,
+    /// The map view the replica starts with.
+    pub(crate) initial_view: MapView,
+    workload: PreferenceConfig,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl ControlPlane {
+    /// Starts the voter, waits for a linearizable read of the map, and makes sure the
+    /// volume has a record in it.
+    pub(crate) async fn join(
+        s: &ControlSettings,
+        me: Site,
+        volume_id: u64,
+        size_bytes: u64,
+    ) -> anyhow::Result<ControlPlane> {
+        std::fs::create_dir_all(&s.dir).with_context(|| format!("create {}", s.dir.display()))?;
+        let incarnation = next_incarnation(&s.dir)?;
+        let listener = tokio::net::TcpListener::bind(s.raft_listen)
+            .await
+            .with_context(|| format!("listen for Raft on {}", s.raft_listen))?;
+        let id = match me {
+            Site::A => NODE_A,
+            Site::B => NODE_B,
+        };
+        let node = WitnessNode::start(id, &s.dir, listener)
+            .await
+            .map_err(|e| anyhow::anyhow!("start the Raft voter: {e}"))?;
+        let node = Arc::new(node);
+        let cg = volume_id;
+        let deadline = tokio::time::Instant::now() + s.join_timeout;
+        let mut created = false;
+        let mut last_note = tokio::time::Instant::now();
+        // Bounded by `join_timeout`.
+        let state = loop {
+            match node.read_map_anywhere(RAFT_DEADLINE).await {
+                Ok((_, map)) => match map.cg(cg) {
+                    Some(state) => break state.clone(),
+                    None if !created => {
+                        created = true;
+                        let cmd = Command::VolumeCreate {
+                            volume: volume_id,
+                            cg,
+                            size_bytes,
+                            policy: AckPolicy::Sync,
+                            preference: Preference::Workload(s.preference),
+                        };
+                        if let Err(e) = node.propose_anywhere(cmd, RAFT_DEADLINE).await {
+                            warn!("proposing the volume's record: {e}");
+                            created = false;
+                        }
+                        continue;
+                    }
+                    None => created = false,
+                },
+                Err(e) => {
+                    if last_note.elapsed() >= Duration::from_secs(2) {
+                        last_note = tokio::time::Instant::now();
+                        info!(
+                            "waiting for the witness group ({e}); is `stretch witness` running and bootstrapped?"
+                        );
+                    }
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                bail!(
+                    "the witness group did not answer within {:?}: start `stretch witness --bootstrap ...` and both sites",
+                    s.join_timeout
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        let initial_view = map_view(&state, me)?;
+        info!(?initial_view, epoch = ?state.epoch, "joined the witness group");
+        let arbiter = Arbiter::new(me, s.arbiter, incarnation, boottime_us());
+        let shared = Arc::new(Shared {
+            me,
+            cg,
+            volume_id,
+            arbiter: Mutex::new(arbiter),
+            status: Mutex::new(ControlStatus {
+                raft_node: id,
+                cg,
+                ..ControlStatus::default()
+            }),
+        });
+        Ok(ControlPlane {
+            node,
+            shared,
+            initial_view,
+            workload: s.workload,
+            task: None,
+        })
+    }
+
+    /// The gate the replicated volume asks before serving.
+    pub(crate) fn gate(&self) -> Arc<dyn ServeGate> {
+        Arc::new(Gate(self.shared.clone()))
+    }
+
+    /// Runs the control loop for `device` until [`ControlPlane::stop`].
+    pub(crate) fn run(
+        &mut self,
+        device: Arc<ReplicatedVolume>,
+        control_rx: mpsc::Receiver<Vec<u8>>,
+    ) {
+        let ctl = ControlLoop {
+            node: self.node.clone(),
+            shared: self.shared.clone(),
+            device,
+            replica_epoch: self.initial_view.epoch,
+            map_index: 0,
+            read_index_busy: Arc::new(AtomicUsize::new(0)),
+            proposals_busy: Arc::new(AtomicUsize::new(0)),
+            last_start_resync_us: 0,
+            rejoin_proposed_epoch: None,
+            workload: PreferenceTracker::new(self.workload),
+            window_started_us: boottime_us(),
+            written_at_window_start: 0,
+            peer_window: None,
+        };
+        self.task = Some(tokio::spawn(ctl.run(control_rx)));
+    }
+
+    /// What the admin API reports of the control plane (`stretch status`).
+    pub(crate) fn view(&self) -> Arc<dyn crate::admin::ControlView> {
+        Arc::new(ControlHandle {
+            node: self.node.clone(),
+            shared: self.shared.clone(),
+        })
+    }
+
+    /// Stops the loop and the voter; its directory keeps the durable state.
+    pub(crate) async fn stop(mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+        match Arc::try_unwrap(self.node) {
+            Ok(node) => node.shutdown().await,
+            Err(node) => {
+                if let Err(e) = node.raft.shutdown().await {
+                    warn!("raft shutdown: {e}");
+                }
+            }
+        }
+    }
+}
+
+/// Proposes a detach naming `survivor` at the CG's current epoch (`stretch detach`). The
+/// map's compare-and-set decides: it commits only if the survivor is in sync and the epoch
+/// has not moved; the loser is fenced, and the survivor acknowledges alone only after its
+/// wait, as after any detach.
+async fn detach(node: &WitnessNode, cg: u64, survivor: Site) -> anyhow::Result<String> {
+    let (_, map) = node
+        .read_map_anywhere(RAFT_DEADLINE)
+        .await
+        .map_err(|e| anyhow::anyhow!("read the map: {e}"))?;
+    let Some(state) = map.cg(cg) else {
+        bail!("the map has no record of this volume");
+    };
+    let cmd = Command::Detach {
+        cg,
+        survivor,
+        expected_epoch: state.epoch,
+    };
+    let result = node
+        .propose_anywhere(cmd, RAFT_DEADLINE)
+        .await
+        .map_err(|e| anyhow::anyhow!("propose the detach: {e}"))?;
+    Ok(match result {
+        ApplyResult::One(Outcome::Applied { epoch }) => format!(
+            "detached: site {} carries on alone in epoch {}.{}",
+            site_name(survivor),
+            epoch.generation,
+            epoch.n
+        ),
+        ApplyResult::One(Outcome::Rejected { reason }) => {
+            bail!("the map refused the detach: {reason}")
+        }
+        other => format!("{other:?}"),
+    })
+}
+
+/// The admin API's handle on the control plane.
+struct ControlHandle {
+    node: Arc<WitnessNode>,
+    shared: Arc<Shared>,
+}
+
+impl crate::admin::ControlView for ControlHandle {
+    fn epoch(&self) -> u32 {
+        self.shared
+            .arbiter()
+            .epoch(self.shared.cg)
+            .and_then(|e| epoch_u32(e).ok())
+            .unwrap_or(0)
+    }
+
+    fn status_json(&self) -> Option<serde_json::Value> {
+        let mut status = self.shared.status.lock().ok()?.clone();
+        let (leader, term) = self.node.leader();
+        status.raft_leader = leader;
+        status.raft_term = term;
+        serde_json::to_value(status).ok()
+    }
+
+    fn detach(
+        &self,
+        survivor: &str,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<String, String>> + Send + '_>>
+    {
+        let survivor = parse_site(survivor);
+        Box::pin(async move {
+            let survivor = survivor.map_err(|e| e.to_string())?;
+            detach(&self.node, self.shared.cg, survivor)
+                .await
+                .map_err(|e| format!("{e:#}"))
+        })
+    }
+}
+
+struct ControlLoop {
+    node: Arc<WitnessNode>,
+    shared: Arc<Shared>,
+    device: Arc<ReplicatedVolume>,
+    /// The epoch the replica was last told about.
+    replica_epoch: u32,
+    map_index: u64,
+    read_index_busy: Arc<AtomicUsize>,
+    proposals_busy: Arc<AtomicUsize>,
+    last_start_resync_us: u64,
+    rejoin_proposed_epoch: Option<u32>,
+    workload: PreferenceTracker,
+    window_started_us: u64,
+    written_at_window_start: u64,
+    /// The peer's last reported window: (bytes, when it arrived).
+    peer_window: Option<(u64, u64)>,
+}
+
+/// A ReadIndex reply for the loop.
+struct ReadIndexDone {
+    id: u64,
+    index: u64,
+    map: ClusterMap,
+}
+
+impl ControlLoop {
+    async fn run(mut self, mut control_rx: mpsc::Receiver<Vec<u8>>) {
+        let (ri_tx, mut ri_rx) = mpsc::channel::<ReadIndexDone>(4);
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            let mut actions = Vec::new();
+            tokio::select! {
+                _ = tick.tick() => {}
+                body = control_rx.recv() => {
+                    let Some(body) = body else { return };
+                    self.on_control(&body);
+                    continue;
+                }
+                done = ri_rx.recv() => {
+                    let Some(done) = done else { return };
+                    let now = boottime_us();
+                    actions.extend(self.shared.arbiter().on_read_index(
+                        done.id, done.index, &done.map, now,
+                    ));
+                }
+            }
+            let now = boottime_us();
+            actions.extend(self.shared.arbiter().tick(now));
+            let (index, map) = self.node.local_indexed_map();
+            if index > self.map_index {
+                self.map_index = index;
+                actions.extend(self.shared.arbiter().on_map(index, &map, now));
+            }
+            for action in actions {
+                self.act(action, &ri_tx);
+            }
+            if let Err(e) = self.sync_replica(now).await {
+                self.note_error(format!("{e:#}"));
+            }
+            self.drive_resync(now);
+            self.follow_workload(now);
+            self.publish(&map, now);
+        }
+    }
+
+    fn on_control(&mut self, body: &[u8]) {
+        let Ok(msg) = postcard::from_bytes::<ControlMsg>(body) else {
+            warn!("undecodable control frame from the peer; dropped");
+            return;
+        };
+        let now = boottime_us();
+        match msg {
+            ControlMsg::Heartbeat(hb) => {
+                let echo = self.shared.arbiter().on_heartbeat(&hb, now);
+                self.send(&ControlMsg::Echo(echo));
+            }
+            ControlMsg::Echo(echo) => self.shared.arbiter().on_echo(&echo, now),
+            ControlMsg::Workload { window_bytes } => self.peer_window = Some((window_bytes, now)),
+        }
+    }
+
+    /// At the end of each window: tell the peer what this site wrote, and claim the
+    /// preference if this site has dominated the workload long enough (DESIGN §6).
+    fn follow_workload(&mut self, now: u64) {
+        let window_us = self.workload.config().window_us;
+        if now.saturating_sub(self.window_started_us) < window_us {
+            return;
+        }
+        self.window_started_us = now;
+        let written = self.device.written_bytes();
+        let mine = written.saturating_sub(self.written_at_window_start);
+        self.written_at_window_start = written;
+        self.send(&ControlMsg::Workload { window_bytes: mine });
+        // A report older than two windows says nothing about this one.
+        let peer = match self.peer_window {
+            Some((bytes, at)) if now.saturating_sub(at) <= 2 * window_us => bytes,
+            _ => 0,
+        };
+        let Some(current) = self
+            .shared
+            .arbiter()
+            .view(self.shared.cg)
+            .map(|v| v.preference)
+        else {
+            return;
+        };
+        if let Some(cmd) =
+            self.workload
+                .on_window(now, self.shared.cg, self.shared.me, current, mine, peer)
+        {
+            info!(mine, peer, "this site writes most: claiming the preference");
+            self.propose(cmd);
+        }
+    }
+
+    fn send(&self, msg: &ControlMsg) {
+        match postcard::to_stdvec(msg) {
+            // A dropped heartbeat or echo only lets a lease run out sooner: the safe side.
+            Ok(body) => {
+                self.device.send_control(&body);
+            }
+            Err(e) => warn!("encode a control message: {e}"),
+        }
+    }
+
+    fn act(&mut self, action: Action, ri_tx: &mpsc::Sender<ReadIndexDone>) {
+        match action {
+            Action::SendHeartbeat(hb) => self.send(&ControlMsg::Heartbeat(hb)),
+            Action::ReadIndex { id } => {
+                // One at a time: the arbiter asks again at its next interval.
+                if self.read_index_busy.fetch_add(1, Ordering::SeqCst) > 0 {
+                    self.read_index_busy.fetch_sub(1, Ordering::SeqCst);
+                    return;
+                }
+                let (node, busy, tx) = (
+                    self.node.clone(),
+                    self.read_index_busy.clone(),
+                    ri_tx.clone(),
+                );
+                tokio::spawn(async move {
+                    if let Ok((index, map)) = node.read_map_anywhere(RAFT_DEADLINE).await {
+                        let _ = tx.send(ReadIndexDone { id, index, map }).await;
+                    }
+                    busy.fetch_sub(1, Ordering::SeqCst);
+                });
+            }
+            Action::Propose(cmd) => self.propose(cmd),
+            Action::Detached { cg } => {
+                warn!(
+                    cg,
+                    "this site lost arbitration: failing its queued requests with EIO"
+                );
+            }
+            Action::LeaseLapsed { cg, policy } => {
+                warn!(
+                    cg,
+                    ?policy,
+                    "lease lapsed: this site stops serving the volume"
+                );
+            }
+        }
+    }
+
+    fn propose(&mut self, cmd: Command) {
+        if self.proposals_busy.fetch_add(1, Ordering::SeqCst) >= PROPOSALS_IN_FLIGHT_MAX {
+            self.proposals_busy.fetch_sub(1, Ordering::SeqCst);
+            return;
+        }
+        if let Ok(mut s) = self.shared.status.lock() {
+            s.proposals += 1;
+        }
+        let (node, busy, shared) = (
+            self.node.clone(),
+            self.proposals_busy.clone(),
+            self.shared.clone(),
+        );
+        info!(?cmd, "proposing");
+        tokio::spawn(async move {
+            match node.propose_anywhere(cmd.clone(), RAFT_DEADLINE).await {
+                Ok(result) => info!(?cmd, ?result, "proposal decided"),
+                Err(e) => {
+                    let text = format!("proposal {cmd:?}: {e}");
+                    warn!("{text}");
+                    if let Ok(mut s) = shared.status.lock() {
+                        s.last_error = Some(text);
+                    }
+                }
+            }
+            busy.fetch_sub(1, Ordering::SeqCst);
+        });
+    }
+
+    /// Tells the replica about a new epoch, when it may know it (module documentation).
+    async fn sync_replica(&mut self, now: u64) -> anyhow::Result<()> {
+        let (view, serve) = {
+            let arb = self.shared.arbiter();
+            let Some(view) = arb.view(self.shared.cg).cloned() else {
+                return Ok(());
+            };
+            (view, arb.serve(self.shared.cg, now))
+        };
+        let epoch = epoch_u32(view.epoch)?;
+        if epoch <= self.replica_epoch {
+            return Ok(());
+        }
+        let me = self.shared.me;
+        let target = map_view(&view, me)?;
+        let event = match target.role {
+            Role::InSync => Event::Rejoin { new_epoch: epoch },
+            // Learning it lets the replica acknowledge alone: only after the wait.
+            Role::Survivor if serve != Serve::Yes => return Ok(()),
+            Role::Survivor => Event::Detach {
+                survivor: site_idx(me),
+                new_epoch: epoch,
+                fenced_before: target.fenced_before,
+            },
+            Role::Loser => Event::Detach {
+                survivor: site_idx(me.peer()),
+                new_epoch: epoch,
+                fenced_before: target.fenced_before,
+            },
+        };
+        info!(?event, "the replica learns the new epoch");
+        self.device
+            .control(event)
+            .await
+            .map_err(|e| anyhow::anyhow!("tell the replica: {e}"))?;
+        self.replica_epoch = epoch;
+        Ok(())
+    }
+
+    /// Survivor: bring the detached site back (DESIGN §4 "Resync", §6 "Rejoin").
+    fn drive_resync(&mut self, now: u64) {
+        let (view, is_survivor) = {
+            let arb = self.shared.arbiter();
+            let Some(view) = arb.view(self.shared.cg).cloned() else {
+                return;
+            };
+            (view, arb.is_survivor(self.shared.cg))
+        };
+        let Ok(epoch) = epoch_u32(view.epoch) else {
+            return;
+        };
+        if !is_survivor || self.replica_epoch != epoch {
+            return;
+        }
+        let stats = self.device.driver_stats();
+        let peer = self.shared.me.peer();
+        match view.state(peer) {
+            SiteState::Detached if stats.link_up => {
+                let retry_us = START_RESYNC_RETRY.as_micros() as u64;
+                if now.saturating_sub(self.last_start_resync_us) >= retry_us {
+                    self.last_start_resync_us = now;
+                    self.propose(Command::StartResync {
+                        cg: self.shared.cg,
+                        site: peer,
+                        expected_epoch: view.epoch,
+                    });
+                }
+            }
+            SiteState::Resyncing
+                if stats.resync_complete_epoch == Some(epoch)
+                    && self.rejoin_proposed_epoch != Some(epoch) =>
+            {
+                let cmd = self.shared.arbiter().propose_rejoin(self.shared.cg, now);
+                if let Some(cmd) = cmd {
+                    self.rejoin_proposed_epoch = Some(epoch);
+                    self.propose(cmd);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn note_error(&self, text: String) {
+        warn!("{text}");
+        if let Ok(mut s) = self.shared.status.lock() {
+            s.last_error = Some(text);
+        }
+    }
+
+    fn publish(&self, map: &ClusterMap, now: u64) {
+        let (leader, term) = self.node.leader();
+        let arb = self.shared.arbiter();
+        let serving = match arb.serve(self.shared.cg, now) {
+            Serve::Yes => "serve",
+            Serve::Hold => "hold",
+            Serve::Eio => "fail",
+        };
+        let view = arb.view(self.shared.cg).cloned();
+        drop(arb);
+        let policy = map
+            .volumes
+            .get(&self.shared.volume_id)
+            .map(|v| format!("{:?}", v.policy).to_lowercase())
+            .unwrap_or_default();
+        if let Ok(mut s) = self.shared.status.lock() {
+            s.raft_leader = leader;
+            s.raft_term = term;
+            s.serving = serving.into();
+            s.policy = policy;
+            if let Some(v) = view {
+                s.epoch = format!("{}.{}", v.epoch.generation, v.epoch.n);
+                s.site_states = [state_name(v.sites[0]), state_name(v.sites[1])];
+                s.preference = match v.preference {
+                    Preference::Pinned(site) => format!("pinned {}", site_name(site)),
+                    Preference::Workload(site) => format!("workload {}", site_name(site)),
+                };
+                s.single_copy = v.state(self.shared.me) == SiteState::InSync
+                    && v.state(self.shared.me.peer()) != SiteState::InSync;
+            }
+        }
+    }
+}
+
+fn state_name(s: SiteState) -> String {
+    match s {
+        SiteState::InSync => "in-sync",
+        SiteState::Detached => "detached",
+        SiteState::Resyncing => "resyncing",
+    }
+    .into()
+}
+
+pub(crate) fn site_name(s: Site) -> &'static str {
+    match s {
+        Site::A => "a",
+        Site::B => "b",
+    }
+}
+
+/// Parses `a` or `b`.
+pub(crate) fn parse_site(text: &str) -> anyhow::Result<Site> {
+    match text {
+        "a" | "A" => Ok(Site::A),
+        "b" | "B" => Ok(Site::B),
+        other => bail!("a site is a or b, not {other:?}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // The replicator compares accept epochs as u32: the mapping must keep the map's order,
+    // generation first, and refuse what it cannot represent rather than wrap.
+    #[test]
+    fn epoch_mapping_keeps_order_and_refuses_overflow() {
+        let e = |generation, n| Epoch { generation, n };
+        let pairs = [(e(0, 1), e(0, 2)), (e(0, 99), e(1, 1)), (e(1, 5), e(2, 1))];
+        for (lo, hi) in pairs {
+            assert!(
+                epoch_u32(lo).unwrap() < epoch_u32(hi).unwrap(),
+                "{lo:?} < {hi:?}"
+            );
+        }
+        assert!(epoch_u32(e(0, 1 << 24)).is_err());
+        assert!(epoch_u32(e(256, 1)).is_err());
+    }
+
+    #[test]
+    fn map_view_roles() {
+        let mut cg = CgState {
+            epoch: Epoch {
+                generation: 0,
+                n: 3,
+            },
+            sites: [SiteState::InSync, SiteState::Detached],
+            fenced_before: [
+                Epoch::default(),
+                Epoch {
+                    generation: 0,
+                    n: 3,
+                },
+            ],
+            preference: Preference::Workload(Site::A),
+            active_site: Site::A,
+            volume_count: 1,
+        };
+        let a = map_view(&cg, Site::A).unwrap();
+        assert_eq!(
+            (a.role, a.epoch, a.fenced_before),
+            (Role::Survivor, 3, [0, 3])
+        );
+        assert_eq!(map_view(&cg, Site::B).unwrap().role, Role::Loser);
+        cg.sites[1] = SiteState::Resyncing;
+        assert_eq!(map_view(&cg, Site::B).unwrap().role, Role::Loser);
+        cg.sites[1] = SiteState::InSync;
+        assert_eq!(map_view(&cg, Site::B).unwrap().role, Role::InSync);
+    }
+}

@@ -1,0 +1,188 @@
+//! `stretch status --site ADMIN_URL [--site ADMIN_URL] [--json]`: each site's view of its
+//! volume, from the site admin API (src/admin.rs) — role, epoch, link, RTT, dirty blocks and
+//! resync progress — with a loud warning whenever the volume has a single copy (DESIGN.md §7
+//! invariant 2: "while a site is detached, durability is single-copy, and `status` says so").
+//!
+//! A site that does not answer is shown as unreachable; the command fails only if no site
+//! answered. `--json` prints an array with one entry per `--site`, in order: the site's raw
+//! `GET /v1/status` object, or `{"admin": ADDR, "unreachable": true, "error": MESSAGE}`.
+
+use anyhow::bail;
+use clap::Args;
+use serde_json::{json, Value};
+
+use crate::admin_client::AdminClient;
+use crate::progress::format_eta;
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// A site's admin API as `stretch site` prints it (`http://HOST:PORT`); repeat it for
+    /// each site.
+    #[arg(long = "site", required = true)]
+    pub sites: Vec<String>,
+    /// Print the raw status objects as a JSON array instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Sites asked at once; more `--site` flags than this are refused.
+const SITES_MAX: usize = 16;
+
+pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
+    if args.sites.len() > SITES_MAX {
+        bail!("at most {SITES_MAX} --site flags");
+    }
+    let clients = args
+        .sites
+        .iter()
+        .map(|s| AdminClient::parse(s))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let answers = status_of_all(&clients).await;
+    let answered = answers.iter().filter(|a| a.is_ok()).count();
+    if args.json {
+        let list: Vec<Value> = clients
+            .iter()
+            .zip(&answers)
+            .map(|(c, a)| match a {
+                Ok(status) => status.clone(),
+                Err(err) => {
+                    json!({"admin": c.addr, "unreachable": true, "error": format!("{err:#}")})
+                }
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&Value::Array(list))?);
+    } else {
+        print_table(&clients, &answers);
+    }
+    if answered == 0 {
+        bail!("no site answered");
+    }
+    Ok(())
+}
+
+/// Every site's status, asked concurrently (each call bounded by its own timeout).
+async fn status_of_all(clients: &[AdminClient]) -> Vec<anyhow::Result<Value>> {
+    let tasks: Vec<_> = clients
+        .iter()
+        .cloned()
+        .map(|c| tokio::spawn(async move { c.status().await }))
+        .collect();
+    let mut out = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        out.push(match task.await {
+            Ok(answer) => answer,
+            Err(err) => Err(anyhow::anyhow!("status task failed: {err}")),
+        });
+    }
+    out
+}
+
+fn text(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
+
+fn rtt(v: &Value) -> String {
+    match v.as_u64() {
+        Some(us) if us >= 10_000 => format!("{:.0} ms", us as f64 / 1000.0),
+        Some(us) => format!("{:.2} ms", us as f64 / 1000.0),
+        None => "-".into(),
+    }
+}
+
+fn resync(status: &Value) -> String {
+    let r = &status["resync"];
+    let left = r["blocks_left"].as_u64().unwrap_or(0);
+    if left == 0 {
+        return "-".into();
+    }
+    if r["active"].as_bool() != Some(true) {
+        // Link up without a resync: the dirty blocks are writes waiting for the peer's ack.
+        return match status["replication"]["link_up"].as_bool() {
+            Some(false) => format!("{left} blocks waiting for the link"),
+            _ => "-".into(),
+        };
+    }
+    let rate = r["rate_blocks_per_s"].as_f64().unwrap_or(0.0);
+    let eta = format_eta(r["eta_s"].as_f64());
+    format!("{left} blocks left, {rate:.0} blocks/s, ETA {eta}")
+}
+
+fn print_table(clients: &[AdminClient], answers: &[anyhow::Result<Value>]) {
+    let mut rows = vec![[
+        "SITE", "ADMIN", "VOLUME", "ROLE", "EPOCH", "LINK", "RTT", "DIRTY", "RESYNC",
+    ]
+    .map(String::from)];
+    let mut warnings = Vec::new();
+    for (client, answer) in clients.iter().zip(answers) {
+        let status = match answer {
+            Ok(status) => status,
+            Err(err) => {
+                rows.push([
+                    "?".into(),
+                    client.addr.clone(),
+                    "-".into(),
+                    "UNREACHABLE".into(),
+                    "-".into(),
+                    "-".into(),
+                    "-".into(),
+                    "-".into(),
+                    "-".into(),
+                ]);
+                warnings.push(format!("site at {}: unreachable: {err:#}", client.addr));
+                continue;
+            }
+        };
+        let site = text(&status["site"]);
+        let volume = text(&status["volume"]["name"]);
+        let repl = &status["replication"];
+        let role = text(&repl["role"]);
+        let link = match repl["link_up"].as_bool() {
+            Some(true) => "up",
+            Some(false) => "DOWN",
+            None => "-",
+        };
+        rows.push([
+            site.clone(),
+            client.addr.clone(),
+            volume.clone(),
+            role.clone(),
+            text(&repl["epoch"]),
+            link.into(),
+            rtt(&repl["rtt_us_smoothed"]),
+            text(&repl["dirty_blocks"]),
+            resync(status),
+        ]);
+        if role == "survivor" || repl["single_copy"].as_bool() == Some(true) {
+            warnings.push(format!(
+                "WARNING: SINGLE COPY: site {site} serves volume {volume} alone (the other site is detached); losing site {site} now loses data"
+            ));
+        } else if role == "loser" {
+            warnings.push(format!(
+                "WARNING: SINGLE COPY: site {site} is detached from volume {volume}: it serves nothing until resync and rejoin, and the volume's only current copy is at the other site"
+            ));
+        }
+        if repl["failed"].as_bool() == Some(true) {
+            warnings.push(format!(
+                "WARNING: site {site}: replication stopped after a disk error; every request fails with EIO until a restart"
+            ));
+        }
+    }
+    let widths: Vec<usize> = (0..rows[0].len())
+        .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
+        .collect();
+    for row in &rows {
+        let line: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        println!("{}", line.join("  ").trim_end());
+    }
+    for w in warnings {
+        println!("{w}");
+    }
+}
