@@ -352,6 +352,7 @@ impl ControlPlane {
             window_started_us: boottime_us(),
             written_at_window_start: 0,
             peer_window: None,
+            peer_heard_us: None,
         };
         self.task = Some(tokio::spawn(ctl.run(control_rx)));
     }
@@ -469,7 +470,14 @@ struct ControlLoop {
     written_at_window_start: u64,
     /// The peer's last reported window: (bytes, when it arrived).
     peer_window: Option<(u64, u64)>,
+    /// When the last control frame from the peer arrived: the peer is heard, not merely
+    /// connected (a TCP session outlives a partition by its idle timeout).
+    peer_heard_us: Option<u64>,
 }
+
+/// The survivor starts a resync only with a peer heard this recently (heartbeats flow every
+/// 50 ms whatever the site's state).
+const PEER_HEARD_US: u64 = 250_000;
 
 /// A ReadIndex reply for the loop.
 struct ReadIndexDone {
@@ -525,6 +533,7 @@ impl ControlLoop {
             return;
         };
         let now = boottime_us();
+        self.peer_heard_us = Some(now);
         match msg {
             ControlMsg::Heartbeat(hb) => {
                 let echo = self.shared.arbiter().on_heartbeat(&hb, now);
@@ -702,8 +711,11 @@ impl ControlLoop {
         }
         let stats = self.device.driver_stats();
         let peer = self.shared.me.peer();
+        let heard = self
+            .peer_heard_us
+            .is_some_and(|t| now.saturating_sub(t) <= PEER_HEARD_US);
         match view.state(peer) {
-            SiteState::Detached if stats.link_up => {
+            SiteState::Detached if stats.link_up && heard => {
                 let retry_us = START_RESYNC_RETRY.as_micros() as u64;
                 if now.saturating_sub(self.last_start_resync_us) >= retry_us {
                     self.last_start_resync_us = now;

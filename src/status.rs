@@ -111,9 +111,29 @@ fn resync(status: &Value) -> String {
     format!("{left} blocks left, {rate:.0} blocks/s, ETA {eta}")
 }
 
+/// A control-plane field, or "-" for a site without a witness.
+fn control_text(v: &Value) -> String {
+    match v.as_str() {
+        Some(s) if !s.is_empty() => s.to_string(),
+        _ => "-".into(),
+    }
+}
+
+/// The Raft leader's node id as a name: voters a (1), b (2), witness (3).
+fn leader(v: &Value) -> String {
+    match v.as_u64() {
+        Some(1) => "a".into(),
+        Some(2) => "b".into(),
+        Some(3) => "witness".into(),
+        Some(n) => format!("node {n}"),
+        None => "-".into(),
+    }
+}
+
 fn print_table(clients: &[AdminClient], answers: &[anyhow::Result<Value>]) {
     let mut rows = vec![[
-        "SITE", "ADMIN", "VOLUME", "ROLE", "EPOCH", "LINK", "RTT", "DIRTY", "RESYNC",
+        "SITE", "ADMIN", "VOLUME", "ROLE", "EPOCH", "LINK", "RTT", "DIRTY", "RESYNC", "POLICY",
+        "SERVING", "LEADER",
     ]
     .map(String::from)];
     let mut warnings = Vec::new();
@@ -126,6 +146,9 @@ fn print_table(clients: &[AdminClient], answers: &[anyhow::Result<Value>]) {
                     client.addr.clone(),
                     "-".into(),
                     "UNREACHABLE".into(),
+                    "-".into(),
+                    "-".into(),
+                    "-".into(),
                     "-".into(),
                     "-".into(),
                     "-".into(),
@@ -155,6 +178,10 @@ fn print_table(clients: &[AdminClient], answers: &[anyhow::Result<Value>]) {
             rtt(&repl["rtt_us_smoothed"]),
             text(&repl["dirty_blocks"]),
             resync(status),
+            // The control plane's view, when the site runs with a witness.
+            control_text(&status["control"]["policy"]),
+            control_text(&status["control"]["serving"]),
+            leader(&status["control"]["raft_leader"]),
         ]);
         if role == "survivor" || repl["single_copy"].as_bool() == Some(true) {
             warnings.push(format!(

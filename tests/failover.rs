@@ -427,6 +427,39 @@ fn cut_and_heal(direction: Direction) {
     c.link.partition(direction);
     std::thread::sleep(Duration::from_millis(2500));
     let loser_read = probe_read(&ub);
+    // `stretch status` tells the operator: A alone, single copy, B detached, a new epoch.
+    let admin_a = format!(
+        "http://{}",
+        c.a().admin.clone().expect("site a prints its admin API")
+    );
+    let out = common::stretch(&["status", "--site", &admin_a, "--json"]);
+    let status: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("status --json prints JSON");
+    let control = &status[0]["control"];
+    assert_eq!(control["single_copy"], true, "status at A: {status}");
+    let b_state = control["site_states"][1]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert_eq!(
+        control["site_states"][0], "in-sync",
+        "status at A: {status}"
+    );
+    // Fully cut, B is detached; cut one way, A may still hear B and start its resync (B
+    // then waits as a sync target that the cut direction keeps from catching up).
+    match direction {
+        Direction::Both => assert_eq!(b_state, "detached", "status at A: {status}"),
+        _ => assert!(
+            matches!(b_state.as_str(), "detached" | "resyncing"),
+            "status at A: {status}"
+        ),
+    }
+    assert_eq!(control["serving"], "serve");
+    let table = common::stretch(&["status", "--site", &admin_a]);
+    assert!(
+        String::from_utf8_lossy(&table.stdout).contains("SINGLE COPY"),
+        "the table warns of the single copy"
+    );
     std::thread::sleep(Duration::from_millis(1000));
     let healed = Instant::now();
     c.link.heal();
