@@ -197,6 +197,10 @@ pub(crate) struct ControlStatus {
     pub(crate) serving: String,
     /// Survivor only: the other site is detached and every write has one copy.
     pub(crate) single_copy: bool,
+    /// In sync: how long this site's lease still runs (0 once lapsed; none before the first).
+    pub(crate) lease_left_ms: Option<u64>,
+    /// Survivor: how long until it may acknowledge alone (0 once it may).
+    pub(crate) alone_in_ms: Option<u64>,
     pub(crate) proposals: u64,
     pub(crate) last_error: Option<String>,
 }
@@ -756,6 +760,9 @@ impl ControlLoop {
             Serve::Eio => "fail",
         };
         let view = arb.view(self.shared.cg).cloned();
+        let left_ms = |t: Option<u64>| t.map(|t| t.saturating_sub(now) / 1_000);
+        let lease_left_ms = left_ms(arb.lease_expiry_us(self.shared.cg));
+        let alone_in_ms = left_ms(arb.alone_ok_at_us(self.shared.cg));
         drop(arb);
         let policy = map
             .volumes
@@ -767,6 +774,8 @@ impl ControlLoop {
             s.raft_term = term;
             s.serving = serving.into();
             s.policy = policy;
+            s.lease_left_ms = lease_left_ms;
+            s.alone_in_ms = alone_in_ms;
             if let Some(v) = view {
                 s.epoch = format!("{}.{}", v.epoch.generation, v.epoch.n);
                 s.site_states = [state_name(v.sites[0]), state_name(v.sites[1])];

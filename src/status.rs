@@ -133,7 +133,7 @@ fn leader(v: &Value) -> String {
 fn print_table(clients: &[AdminClient], answers: &[anyhow::Result<Value>]) {
     let mut rows = vec![[
         "SITE", "ADMIN", "VOLUME", "ROLE", "EPOCH", "LINK", "RTT", "DIRTY", "RESYNC", "POLICY",
-        "SERVING", "LEADER",
+        "SERVING", "LEASE", "LEADER",
     ]
     .map(String::from)];
     let mut warnings = Vec::new();
@@ -146,6 +146,7 @@ fn print_table(clients: &[AdminClient], answers: &[anyhow::Result<Value>]) {
                     client.addr.clone(),
                     "-".into(),
                     "UNREACHABLE".into(),
+                    "-".into(),
                     "-".into(),
                     "-".into(),
                     "-".into(),
@@ -181,6 +182,10 @@ fn print_table(clients: &[AdminClient], answers: &[anyhow::Result<Value>]) {
             // The control plane's view, when the site runs with a witness.
             control_text(&status["control"]["policy"]),
             control_text(&status["control"]["serving"]),
+            match status["control"]["lease_left_ms"].as_u64() {
+                Some(ms) => format!("{ms} ms"),
+                None => "-".into(),
+            },
             leader(&status["control"]["raft_leader"]),
         ]);
         if role == "survivor" || repl["single_copy"].as_bool() == Some(true) {

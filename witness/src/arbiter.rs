@@ -167,6 +167,16 @@ impl Arbiter {
         self.cgs.get(&cg).map(|c| &c.view)
     }
 
+    /// When this site's lease on `cg` ends (its own clock), if it holds one in this epoch.
+    pub fn lease_expiry_us(&self, cg: CgId) -> Option<u64> {
+        self.cgs.get(&cg).and_then(|c| c.lease.expiry_us())
+    }
+
+    /// As survivor: when it may (or could) acknowledge alone.
+    pub fn alone_ok_at_us(&self, cg: CgId) -> Option<u64> {
+        self.cgs.get(&cg).and_then(|c| c.alone_ok_at_us)
+    }
+
     /// Timers: heartbeats, ReadIndex reads, peer-loss detection and detach proposals.
     pub fn tick(&mut self, now_us: u64) -> Vec<Action> {
         let mut actions = Vec::new();
