@@ -138,6 +138,7 @@ impl AdminState {
                 "link_up": stats.link_up,
                 "rtt_us_smoothed": stats.rtt_us_smoothed,
                 "dirty_blocks": stats.dirty_blocks,
+                "untrusted_blocks": stats.untrusted_blocks,
                 // Durability is single-copy whenever this site serves without its peer.
                 "single_copy": matches!(stats.role, Some(Role::Survivor)),
                 "failed": stats.failed,
@@ -193,6 +194,10 @@ fn driver_json(s: &DriverStats) -> Value {
             "resync_blocks_applied": c.resync_blocks_applied,
             "divergent_blocks_saved": c.divergent_blocks_saved,
             "rtt_samples": c.rtt_samples,
+            "blocks_settled": c.blocks_settled,
+            "settle_requests_sent": c.settle_requests_sent,
+            "flushes_done": c.flushes_done,
+            "durable_acks_sent": c.durable_acks_sent,
         },
     })
 }

@@ -613,7 +613,25 @@ impl ControlLoop {
                     busy.fetch_sub(1, Ordering::SeqCst);
                 });
             }
-            Action::Propose(cmd) => self.propose(cmd),
+            Action::Propose(cmd) => {
+                // A site restarted after a crash holds blocks it has not settled from its
+                // peer yet; crowning it could lose writes the peer acknowledged. It waits
+                // (the arbiter proposes again) until they are settled, or an operator acts.
+                let crowns_me = match &cmd {
+                    Command::Detach { survivor, .. } | Command::DetachMany { survivor, .. } => {
+                        *survivor == self.shared.me
+                    }
+                    _ => false,
+                };
+                let untrusted = self.device.driver_stats().untrusted_blocks;
+                if crowns_me && untrusted > 0 {
+                    self.note_error(format!(
+                        "not proposing to carry on alone: {untrusted} blocks are not yet settled from the peer since a crash"
+                    ));
+                    return;
+                }
+                self.propose(cmd)
+            }
             Action::Detached { cg } => {
                 warn!(
                     cg,

@@ -318,6 +318,70 @@ fn kill9_of_the_peer_mid_stream_loses_no_acknowledged_write() {
     assert_sites_identical(&ua, &ub2);
 }
 
+// DESIGN.md §4 "After a crash, stamps of blocks in the activity log are untrusted and are
+// settled from the peer", §7 invariant 2. Acknowledgements do not wait for a flush, so
+// killing the site that took the writes loses their block records there (an unflushed
+// block reads as a checksum error after the restart). The restarted site must take every
+// acknowledged write back from its peer: read back at both sites afterwards.
+#[test]
+fn kill9_of_the_writing_site_settles_its_acknowledged_writes_from_the_peer() {
+    if !have_tool(
+        "qemu-io",
+        "kill9_of_the_writing_site_settles_its_acknowledged_writes_from_the_peer",
+    ) || !have_tool(
+        "stdbuf",
+        "kill9_of_the_writing_site_settles_its_acknowledged_writes_from_the_peer",
+    ) {
+        return;
+    }
+    let c = cluster(Duration::from_millis(1));
+    let (ua, ub) = (c.a.uri("vol"), c.b.uri("vol"));
+    let writes = 64u32;
+    // First a flushed version of every block (qemu-io flushes when it closes the image), so
+    // that the overwrites below leave records on disk that no longer match the data.
+    qemu_io(&ub, &[&format!("write -P 0xee 0 {}k", writes * 64)]);
+    // Line-buffered, so each "wrote" line arrives as its write completes (a pipe would hold
+    // them until qemu-io exits — after its closing flush).
+    let mut cmd = Command::new("stdbuf");
+    // Writeback caching: qemu-io's default, writethrough, flushes after every write.
+    cmd.args(["-oL", "qemu-io", "-t", "writeback", "-f", "raw", &ub]);
+    for i in 0..writes {
+        cmd.args(["-c", &format!("write -P {} {}k 64k", 1 + i % 200, i * 64)]);
+    }
+    // The writer must still be connected when B dies: qemu-io flushes when it closes.
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn qemu-io");
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let mut lines = BufReader::new(stdout).lines();
+    let mut acked = 0u32;
+    while acked < 16 {
+        match lines.next() {
+            Some(Ok(line)) if line.starts_with("wrote ") => acked += 1,
+            Some(Ok(_)) => {}
+            other => panic!("qemu-io stopped before the kill: {other:?}"),
+        }
+    }
+    let b_dir = c.b.data_dir.clone();
+    c.b.kill9();
+    // Writes acknowledged before the kill may be more than counted; those are checked.
+    let _ = wait_bounded(&mut child, "the writer at b");
+    let b = site_b(&b_dir, &c.link);
+    let ub2 = b.uri("vol");
+    let reads: Vec<String> = (0..acked)
+        .map(|i| format!("read -P {} {}k 64k", 1 + i % 200, i * 64))
+        .collect();
+    let reads: Vec<&str> = reads.iter().map(String::as_str).collect();
+    for uri in [&ub2, &ua] {
+        qemu_io(uri, &reads);
+    }
+    // And a FLUSH through the restarted site completes (it waits until B has settled).
+    qemu_io(&ub2, &["write -P 0x77 4M 64k", "flush"]);
+    assert_sites_identical(&ua, &ub2);
+}
+
 // DESIGN.md §5 `sync` and §7 invariant 3: with the link partitioned, a write at A is not
 // acknowledged (no detach has been committed, so A may not acknowledge alone); once the link
 // heals, the sessions come back, the write completes and B has it.

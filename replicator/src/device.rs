@@ -3,16 +3,20 @@
 //!
 //! Every request becomes a client event for the replica thread ([`crate::driver`]) and its
 //! reply waits for the core's answer:
-//! - **write / trim / write_zeroes** reply once the core acknowledges them: applied at both
-//!   sites (or at this site alone if it is the survivor of a detach). Because the driver
-//!   commits each batch durably before it lets acks out, at both sites, an acknowledged
-//!   mutation is also durable at both; **FUA** therefore needs nothing more.
+//! - **write / trim / write_zeroes** reply once the core acknowledges them: applied (visible)
+//!   at both sites, not necessarily durable (or at this site alone, durable, if it is the
+//!   survivor of a detach). A crash of one site loses nothing acknowledged: the restarted
+//!   site settles what it lost from the peer (`core::replica`).
+//! - **FUA** on a write travels in its frame: the peer flushes before its ack, and this site
+//!   before the reply. TRIM and WRITE_ZEROES with FUA are followed by a FLUSH (stronger, and
+//!   rare enough not to need a flag of their own).
 //! - **read** is served locally, waiting while a covered block has a write still waiting for
-//!   the peer (§4 "Reads"). A block that fails its checksum gives EIO (repair from the peer is
-//!   not wired yet).
-//! - **flush** flushes the local volume. Every acknowledged mutation is already durable at
-//!   both sites (above), so after a FLUSH reply every write completed before it survives the
-//!   power loss of both sites (§7 invariant 2).
+//!   the peer or is not yet settled after a crash (§4 "Reads"). A block that fails its
+//!   checksum gives EIO (repair from the peer is not wired yet).
+//! - **flush** goes through the core: every mutation completed before it becomes durable at
+//!   both sites (the peer flushes on a FlushMarker and answers DurableAck), so after a FLUSH
+//!   reply it survives the power loss of both sites (§7 invariant 2). Like a write, it waits
+//!   while the peer is unreachable.
 //! - **block_status** reports the local volume's allocation; while in sync, the peer's is the
 //!   same for every settled block.
 //! - WRITE_ZEROES always punches a hole, even with NO_HOLE (the replicated zero is a stamped
@@ -34,10 +38,11 @@ use stretch_engine::{
     AlignedBuf, BlockDevice, BlockError, Extent, Volume, ZeroFlags, BLOCK_SIZE, REQUEST_BYTES_MAX,
 };
 
-use crate::core::{ClientError, ClientOpId, Config, Event, MapView};
+use crate::core::{ClientError, ClientOpId, Config, Event, MapView, Role};
 use crate::driver::{self, Clock, DriverConfig, DriverStats, Input, Reply};
 use crate::frame::{Frame, Header, Kind, CONTROL_BODY_BYTES_MAX};
 use crate::link::{self, LinkConfig, LinkMode, LinkStats};
+use crate::shadow::DirtyShadow;
 use crate::store::EngineStore;
 
 const BLOCK_BYTES: u64 = BLOCK_SIZE as u64;
@@ -104,6 +109,11 @@ pub struct ReplicatedVolume {
     next_id: AtomicU64,
     /// Bytes of client writes acknowledged here (the control plane's workload measure).
     written_bytes: AtomicU64,
+    /// The store's dirty set, mirrored for the read fast path.
+    shadow: Arc<DirtyShadow>,
+    /// Reads served by the fast path / by the replica thread.
+    fast_reads: AtomicU64,
+    slow_reads: AtomicU64,
     request_timeout: Duration,
     driver_stats: Arc<Mutex<DriverStats>>,
     link_stats: Arc<Mutex<LinkStats>>,
@@ -124,6 +134,7 @@ impl ReplicatedVolume {
     ) -> Result<ReplicatedVolume, String> {
         let handle = tokio::runtime::Handle::current();
         let store = EngineStore::open(volume.clone(), handle)?;
+        let shadow = store.shadow();
         let (inputs_tx, inputs_rx) = mpsc::channel(options.inputs_max.max(1));
         let (outbound, outbound_rx) = driver::outbound_queue(
             options.driver.outbound_frames_max,
@@ -177,11 +188,44 @@ impl ReplicatedVolume {
             read_permits,
             next_id: AtomicU64::new(1),
             written_bytes: AtomicU64::new(0),
+            shadow,
+            fast_reads: AtomicU64::new(0),
+            slow_reads: AtomicU64::new(0),
             request_timeout: Duration::from_millis(options.request_timeout_ms),
             driver_stats,
             link_stats,
             tasks: vec![link_task, ticker],
         })
+    }
+
+    /// Reads served straight from the engine, and through the replica thread.
+    pub fn read_paths(&self) -> (u64, u64) {
+        (
+            self.fast_reads.load(Ordering::Relaxed),
+            self.slow_reads.load(Ordering::Relaxed),
+        )
+    }
+
+    /// The read fast path (see [`crate::shadow`]): a range with no dirty block, at a site
+    /// that serves, is read straight from the engine, concurrently with everything else.
+    /// `None` sends the read through the replica thread (a dirty block, a write racing the
+    /// read, a role that needs the core's judgement, or an engine error the core may repair).
+    async fn read_fast(&self, offset: u64, len: u32) -> Option<AlignedBuf> {
+        let stats = self.driver_stats();
+        let serving = matches!(stats.role, Some(Role::InSync) | Some(Role::Survivor));
+        if !serving || stats.failed {
+            return None;
+        }
+        let first = offset / BLOCK_BYTES;
+        let blocks = (offset + u64::from(len)).div_ceil(BLOCK_BYTES) - first;
+        let generation = self.shadow.generation();
+        if !self.shadow.range_clean(first, blocks) {
+            return None;
+        }
+        let data = self.volume.read(offset, len).await.ok()?;
+        // A block turned dirty while we read: its new data may be in `data` before the peer
+        // has it. Let the core decide.
+        (self.shadow.generation() == generation).then_some(data)
     }
 
     /// Bytes of client writes acknowledged at this site since start.
@@ -373,6 +417,13 @@ impl BlockDevice for ReplicatedVolume {
         if len == 0 {
             return Ok(AlignedBuf::zeroed(0));
         }
+        self.admit().await?;
+        if let Some(data) = self.read_fast(offset, len).await {
+            self.may_reply()?;
+            self.fast_reads.fetch_add(1, Ordering::Relaxed);
+            return Ok(data);
+        }
+        self.slow_reads.fetch_add(1, Ordering::Relaxed);
         let first = offset / BLOCK_BYTES;
         let end = (offset + len64).div_ceil(BLOCK_BYTES);
         let mut data = Vec::with_capacity(((end - first) * BLOCK_BYTES) as usize);
@@ -406,7 +457,7 @@ impl BlockDevice for ReplicatedVolume {
         Ok(AlignedBuf::from_slice(&data[skip..skip + len as usize]))
     }
 
-    async fn write(&self, offset: u64, data: AlignedBuf, _fua: bool) -> Result<(), BlockError> {
+    async fn write(&self, offset: u64, data: AlignedBuf, fua: bool) -> Result<(), BlockError> {
         let len = data.len() as u64;
         self.check_mutation(offset, len)?;
         if len > u64::from(REQUEST_BYTES_MAX) {
@@ -418,34 +469,43 @@ impl BlockDevice for ReplicatedVolume {
         if len == 0 {
             return Ok(());
         }
-        // FUA needs nothing more: an acknowledged write is durable at both sites (module doc).
         let lba = offset / BLOCK_BYTES;
         let bytes = data.to_vec();
         self.mutation(|id| Event::ClientWrite {
             id,
             lba,
             data: bytes,
+            fua,
         })
         .await?;
         self.written_bytes.fetch_add(len, Ordering::Relaxed);
         Ok(())
     }
 
+    // NBD proto.md: FLUSH covers "all write requests that the server has completed".
     async fn flush(&self) -> Result<(), BlockError> {
-        self.volume.flush().await
+        self.mutation(|id| Event::ClientFlush { id }).await
     }
 
-    async fn trim(&self, offset: u64, len: u64, _fua: bool) -> Result<(), BlockError> {
-        self.zero_range(offset, len, true).await
+    async fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), BlockError> {
+        self.zero_range(offset, len, true).await?;
+        if fua {
+            self.flush().await?;
+        }
+        Ok(())
     }
 
     async fn write_zeroes(
         &self,
         offset: u64,
         len: u64,
-        _flags: ZeroFlags,
+        flags: ZeroFlags,
     ) -> Result<(), BlockError> {
-        self.zero_range(offset, len, false).await
+        self.zero_range(offset, len, false).await?;
+        if flags.fua {
+            self.flush().await?;
+        }
+        Ok(())
     }
 
     async fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>, BlockError> {

@@ -5,12 +5,14 @@
 //! channel and is handled on one dedicated OS thread, in arrival order. The thread is not a
 //! tokio worker: the store waits for the engine there (see [`crate::store`]).
 //!
-//! Inputs are handled in batches (group commit): the thread steps the replica through every
-//! input already queued (up to [`DriverConfig::batch_inputs_max`]), then makes the batch's
-//! writes durable with one flush, and only then lets the batch's actions out — frames to the
-//! peer, acknowledgements to clients. So an ack of a write (to a client or to the peer) always
-//! means the write is durable at this site, and FLUSH has nothing left to do for acknowledged
-//! writes (see [`crate::device`]).
+//! Inputs are handled in batches: the thread steps the replica through every input already
+//! queued (up to [`DriverConfig::batch_inputs_max`]), submits the batch's gathered engine
+//! writes, and then lets the batch's actions out — frames to the peer, replies to clients.
+//! An ack does not wait for a flush: "applied" means visible to every later read (DESIGN.md
+//! §4), and durability comes from the peer (a restarted site settles what its crash lost
+//! from the peer, see `core::replica`) and from FLUSH and FUA, which the core turns into
+//! flushes at both sites. The core flushes inside its step, so a flush always precedes the
+//! actions that depend on it.
 //!
 //! The thread never blocks on the link: a frame that does not fit the bounded outbound queue,
 //! or is produced while the link is down, is dropped and counted. The core resends every
@@ -135,6 +137,9 @@ pub struct DriverStats {
     pub dirty_blocks: u64,
     /// The replica stopped after an engine error; every request now fails with EIO.
     pub failed: bool,
+    /// Blocks left unsettled since a crash (their content here is not trusted until the peer
+    /// has sent its version): such a site must not become a survivor.
+    pub untrusted_blocks: u64,
     /// Survivor: the epoch in which the catching-up peer's resync last completed; the
     /// control plane may then commit its rejoin (DESIGN.md §4 "Resync").
     pub resync_complete_epoch: Option<u32>,
@@ -193,7 +198,8 @@ fn client_op(event: &Event) -> Option<(ClientOpId, Option<(u64, u32)>)> {
     match event {
         Event::ClientWrite { id, .. }
         | Event::ClientTrim { id, .. }
-        | Event::ClientWriteZeroes { id, .. } => Some((*id, None)),
+        | Event::ClientWriteZeroes { id, .. }
+        | Event::ClientFlush { id } => Some((*id, None)),
         Event::ClientRead { id, lba, blocks } => Some((*id, Some((*lba, *blocks)))),
         _ => None,
     }
@@ -288,9 +294,9 @@ impl ReplicaThread {
                 };
                 replica.step(self.clock.now_us(), event, &mut self.store, &mut step_out);
                 for action in step_out.drain(..) {
-                    // Heartbeats claim nothing about data, so they skip the group commit and
-                    // the batch's fsync does not inflate the RTT sample (time queued behind
-                    // other inputs of this thread still does).
+                    // Heartbeats claim nothing about data: they go at once, so the rest of the
+                    // batch does not inflate the RTT sample (time queued behind other inputs
+                    // of this thread still does).
                     let heartbeat = matches!(
                         &action,
                         Action::SendFrame(f)
@@ -306,9 +312,9 @@ impl ReplicaThread {
                     break;
                 }
             }
-            // Group commit: everything applied in this batch is durable before any action
-            // reports it.
-            self.store.sync();
+            // The gathered writes reach the engine before any action reports them, so a
+            // checksum failure among the batch's reads is known below.
+            self.store.submit();
             if self.store.failure().is_some() {
                 break;
             }
@@ -357,7 +363,7 @@ impl ReplicaThread {
                     self.local.frames_dropped_queue_full += 1;
                 }
             }
-            Action::AckClient { id, .. } => self.reply(id, Reply::Done),
+            Action::AckClient { id, .. } | Action::FlushDone { id } => self.reply(id, Reply::Done),
             Action::ReadDone { id, data, .. } => {
                 let bad = self
                     .pending
@@ -425,6 +431,7 @@ impl ReplicaThread {
         self.local.rtt_us_smoothed = replica.rtt_us_smoothed();
         self.local.replica = replica.counters();
         self.local.dirty_blocks = self.store.dirty_count();
+        self.local.untrusted_blocks = replica.untrusted_blocks() as u64;
         if let Ok(mut stats) = self.stats.lock() {
             *stats = self.local;
         }

@@ -39,6 +39,14 @@ pub const HEADER_BYTES: usize = 128;
 /// must allocate before it has checked the body.
 pub const BODY_BYTES_MAX: u32 = stretch_engine::REQUEST_BYTES_MAX;
 
+/// `flags` of a Write, Trim or WriteZeroes: the receiver makes the mutation durable before
+/// it acknowledges it (NBD FUA).
+pub const FLAG_FUA: u32 = 1 << 0;
+/// `flags` of a ResyncBlock: the sender's own copy of the block is untrusted too (both sites
+/// restarted from a crash before settling it), so the receiver merges it by the apply rule
+/// instead of taking it unconditionally (see `core::replica`, "Settling after a crash").
+pub const FLAG_UNTRUSTED: u32 = 1 << 1;
+
 const OFF_MAGIC: usize = 0;
 const OFF_VERSION: usize = 4;
 const OFF_KIND: usize = 6;

@@ -19,6 +19,7 @@ pub mod device;
 pub mod driver;
 pub mod frame;
 pub mod link;
+pub mod shadow;
 pub mod sim;
 pub mod stamp;
 pub mod store;

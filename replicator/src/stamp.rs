@@ -89,6 +89,13 @@ impl Hlc {
         self.last = self.last.max(StampParts::decode(stamp).hlc);
     }
 
+    /// Advances the clock to at least `value` (a sequence number this site is about to use):
+    /// so the persisted high-water mark also bounds every seq issued, and a restarted site's
+    /// seqs, which start at its clock, never repeat one of its earlier life.
+    pub fn advance_to(&mut self, value: u64) {
+        self.last = self.last.max(value);
+    }
+
     /// A value greater than the clock, than `now_us`, and than the HLC of every stamp in
     /// `covered` that is in `epoch` (stamps of older epochs are already smaller, and a
     /// newer epoch cannot be on disk while this site writes in `epoch`: the caller checks).

@@ -28,11 +28,13 @@
 //! counts as dirty: more than necessary after a crash, never less, and pushing a block the
 //! peer already has is harmless under the apply rule.
 //!
-//! # Durability (group commit)
-//! Engine writes are durable only after a flush, while [`BlockStore`] promises crash-atomic
-//! calls. The driver closes that gap by calling [`EngineStore::sync`] after every batch of
-//! steps and before any action of the batch leaves the thread: so no frame, ack or client
-//! reply ever reports a write that a crash of this site could still lose.
+//! # Durability
+//! Engine writes are durable only after a flush, and that is what [`BlockStore`] promises
+//! too: the core calls [`BlockStore::flush`] where it needs durability (a client FLUSH, the
+//! peer's FlushMarker, FUA, a survivor's writes, the loser's reset), and settles the blocks
+//! a crash may have lost from the peer (see `core::replica`). The engine's own region map is
+//! the activity log that tells a restarted site which blocks those are: the engine marks a
+//! region durably before any write into it and clears it only after a flush.
 //!
 //! # Engine errors
 //! [`BlockStore`] methods cannot fail. An engine error is recorded ([`EngineStore::failure`])
@@ -50,6 +52,7 @@ use std::sync::Arc;
 use stretch_engine::{AlignedBuf, ApplyMode, BlockDevice, Stamp, Volume, BLOCK_SIZE};
 
 use crate::core::{BlockStore, Content};
+use crate::shadow::DirtyShadow;
 
 const BLOCK_BYTES: u64 = BLOCK_SIZE as u64;
 
@@ -115,6 +118,8 @@ pub struct EngineStore {
     blocks: u64,
     region_blocks: u64,
     dirty: BTreeSet<u64>,
+    /// The dirty set, mirrored for the device's read fast path (see [`DirtyShadow`]).
+    shadow: Arc<DirtyShadow>,
     /// Regions with no dirty block left, still dirty in the engine.
     regions_to_clear: BTreeSet<u64>,
     side_path: PathBuf,
@@ -195,6 +200,13 @@ impl EngineStore {
             handle,
             blocks,
             region_blocks,
+            shadow: {
+                let shadow = DirtyShadow::new(blocks, region_blocks);
+                for &lba in &dirty {
+                    shadow.marked(lba);
+                }
+                Arc::new(shadow)
+            },
             dirty,
             regions_to_clear: BTreeSet::new(),
             side_path,
@@ -217,6 +229,11 @@ impl EngineStore {
     }
 
     /// Blocks that may differ from the peer.
+    /// The lock-free mirror of the dirty set, for reads that bypass the replica thread.
+    pub fn shadow(&self) -> Arc<DirtyShadow> {
+        self.shadow.clone()
+    }
+
     pub fn dirty_count(&self) -> u64 {
         self.dirty.len() as u64
     }
@@ -227,9 +244,14 @@ impl EngineStore {
         std::mem::take(&mut *self.unreadable.borrow_mut())
     }
 
-    /// Makes every write since the last sync durable (data and records). Called by the driver
-    /// before the actions of a batch leave the replica thread.
-    pub fn sync(&mut self) {
+    /// Submits the gathered writes to the engine, so that everything the core has applied is
+    /// visible to direct readers of the volume (block status). Called at the end of a batch.
+    pub fn submit(&mut self) {
+        self.submit_run();
+    }
+
+    /// Makes every write since the last flush durable (data and records).
+    fn flush_volume(&mut self) {
         self.submit_run();
         if !self.wrote_since_sync || self.failed() {
             return;
@@ -458,8 +480,15 @@ impl BlockStore for EngineStore {
         });
     }
 
+    fn flush(&mut self) {
+        self.flush_volume();
+    }
+
     fn mark_dirty(&mut self, lba: u64) {
-        self.dirty.insert(lba);
+        // Before the block's new data is applied: a fast-path read racing it must see this.
+        if self.dirty.insert(lba) {
+            self.shadow.marked(lba);
+        }
         let region = self.region(lba);
         self.regions_to_clear.remove(&region);
         if !self.volume.is_region_dirty(region) {
@@ -477,6 +506,7 @@ impl BlockStore for EngineStore {
         if !self.dirty.remove(&lba) {
             return;
         }
+        self.shadow.cleared(lba);
         let region = self.region(lba);
         let first = region * self.region_blocks;
         if self
@@ -580,7 +610,7 @@ mod tests {
         s.write(14, Content::Data(&block(0xee)), stamp(2));
         s.write(15, Content::Zero, stamp(3));
         assert_eq!(s.stamp(15), stamp(3));
-        s.sync();
+        s.flush();
         assert!(s.failure().is_none());
         let (data, stamps) = _rt
             .block_on(volume.read_with_stamps(10 * BLOCK_BYTES, 6 * BLOCK_SIZE))
@@ -611,7 +641,7 @@ mod tests {
         s.write(3, Content::Data(&block(3)), stamp(1));
         s.mark_dirty(region_blocks + 1);
         s.write(region_blocks + 1, Content::Data(&block(4)), stamp(2));
-        s.sync();
+        s.flush();
         assert_eq!(s.dirty_blocks(), vec![3, region_blocks + 1]);
         s.clear_dirty(region_blocks + 1);
         assert_eq!(s.clear_clean_regions(), 1);

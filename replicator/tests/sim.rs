@@ -81,8 +81,12 @@ fn replay() {
 #[test]
 fn seeds_cover_detach_rejoin_crash_and_fencing() {
     let mut totals = (0u32, 0u32, 0u32, 0u64, 0u64, 0u64, 0u64);
+    let mut settle = (0u64, 0u64, 0u64);
     for seed in 0..200 {
         let r = run_seed(seed, Fault::None, false).unwrap_or_else(|f| panic!("{f}"));
+        settle.0 += r.blocks_lost;
+        settle.1 += r.blocks_settled;
+        settle.2 += r.flushes_done;
         totals.0 += r.detaches;
         totals.1 += r.rejoins;
         totals.2 += r.crashes;
@@ -97,6 +101,12 @@ fn seeds_cover_detach_rejoin_crash_and_fencing() {
     assert!(
         reads > 1000 && rejected > 10 && divergent > 0 && fenced > 0,
         "{totals:?}"
+    );
+    // Crashes must lose unflushed writes, restarts must settle them, and flushes complete.
+    eprintln!("lost, settled, flushes: {settle:?}");
+    assert!(
+        settle.0 > 20 && settle.1 > 20 && settle.2 > 100,
+        "{settle:?}"
     );
 }
 
@@ -128,6 +138,11 @@ fn checker_catches_reads_that_do_not_wait() {
 #[test]
 fn checker_catches_missing_fencing() {
     expect_caught(Fault::NoFencing);
+}
+
+#[test]
+fn checker_catches_a_restart_that_does_not_settle() {
+    expect_caught(Fault::NoSettle);
 }
 
 // ----- named regressions -----------------------------------------------------------------
@@ -394,4 +409,113 @@ fn window_bounds_writes_in_flight() {
     assert!(ids
         .iter()
         .all(|id| matches!(w.outcome(*id), Some(Outcome::Acked(_)))));
+}
+
+/// DESIGN.md §4: "After a crash, stamps of blocks in the activity log are untrusted and are
+/// settled from the peer", and §7 inv. 2: an acknowledged write survives the loss of either
+/// site. Acks do not wait for a flush, so a crash of a site loses the acknowledged writes it
+/// applied — its own (`origin` 0) and the peer's (`origin` 1) — and the restart must take
+/// them back from the peer rather than push its stale blocks.
+fn crash_after_ack(
+    origin: u8,
+    fault: Fault,
+) -> Result<(World, u64), stretch_replicator::sim::SimFailure> {
+    let mut opts = SimOptions::scripted();
+    opts.fault = fault;
+    let mut w = World::new(6, opts);
+    w.run_for(20_000)?;
+    let write = w.client_write(origin, 2, 2)?;
+    w.run_for(10_000)?;
+    assert!(matches!(w.outcome(write), Some(Outcome::Acked(_))));
+    w.power_loss(0)?;
+    assert!(
+        w.report().blocks_lost >= 2,
+        "the crash lost the applied write"
+    );
+    w.run_for(10_000)?;
+    w.restart(0)?;
+    w.heal_and_settle(1_000_000)?;
+    Ok((w, write))
+}
+
+#[test]
+fn regression_restart_settles_acknowledged_writes_the_crash_lost() {
+    for origin in 0..2 {
+        let (w, write) = crash_after_ack(origin, Fault::None).unwrap_or_else(|f| panic!("{f}"));
+        let stamp = acked_stamp(&w, write);
+        for site in 0..2 {
+            for lba in 2..4 {
+                assert_eq!(
+                    writer_of(&w, site, lba),
+                    Some(write),
+                    "site {site} block {lba}"
+                );
+                assert_eq!(w.store(site).block(lba).1, stamp);
+            }
+        }
+        assert!(w.report().blocks_settled >= 2, "{:?}", w.report());
+        // A restart that trusts its activity log keeps the lost version: caught.
+        assert!(crash_after_ack(origin, Fault::NoSettle).is_err());
+    }
+}
+
+/// DESIGN.md §7 inv. 2: "after a FLUSH reply it also survives power loss of both" (and FUA
+/// for its own write). Without the flush, the same double power loss may lose the write —
+/// which the contract allows, and which the checker then reports: the flush is what counts.
+fn double_power_loss(durable: &str) -> Result<(World, u64), stretch_replicator::sim::SimFailure> {
+    let mut w = World::new(7, SimOptions::scripted());
+    w.run_for(20_000)?;
+    let write = match durable {
+        "fua" => w.client_write_fua(1, 4, 2, true)?,
+        _ => w.client_write(1, 4, 2)?,
+    };
+    w.run_for(10_000)?;
+    assert!(matches!(w.outcome(write), Some(Outcome::Acked(_))));
+    if durable == "flush" {
+        let flush = w.client_flush(0)?;
+        w.run_for(10_000)?;
+        assert!(
+            matches!(w.outcome(flush), Some(Outcome::Acked(_))),
+            "{:?}",
+            w.outcome(flush)
+        );
+    }
+    w.power_loss(0)?;
+    w.power_loss(1)?;
+    w.heal_and_settle(1_000_000)?;
+    Ok((w, write))
+}
+
+#[test]
+fn flush_and_fua_writes_survive_power_loss_of_both_sites() {
+    for durable in ["flush", "fua"] {
+        let (w, write) = double_power_loss(durable).unwrap_or_else(|f| panic!("{durable}: {f}"));
+        for site in 0..2 {
+            assert_eq!(
+                writer_of(&w, site, 4),
+                Some(write),
+                "{durable}: site {site}"
+            );
+        }
+    }
+    assert!(
+        double_power_loss("none").is_err(),
+        "without FLUSH or FUA the double power loss loses the write"
+    );
+}
+
+/// DESIGN.md §4 "Reads", §5 `sync`: FLUSH waits for an unreachable peer like a write does,
+/// and completes once the link heals.
+#[test]
+fn flush_waits_for_the_peer() {
+    let mut w = World::new(8, SimOptions::scripted());
+    check(w.run_for(20_000));
+    check(w.client_write(0, 1, 1).map(drop));
+    check(w.run_for(10_000));
+    check(w.set_partition(true));
+    let flush = w.client_flush(0).unwrap_or_else(|f| panic!("{f}"));
+    check(w.run_for(50_000));
+    assert_eq!(w.outcome(flush), Some(Outcome::Pending));
+    check(w.heal_and_settle(1_000_000));
+    assert!(matches!(w.outcome(flush), Some(Outcome::Acked(_))));
 }

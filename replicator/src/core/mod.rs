@@ -55,6 +55,10 @@ pub enum Fault {
     /// Reads at the origin do not wait for the origin's writes still waiting for the peer
     /// (breaks §4 "Reads").
     ReadsDontWait,
+    /// A restarted site trusts the blocks of its activity log instead of settling them from
+    /// the peer (breaks §4 "After a crash, stamps of blocks in the activity log are untrusted
+    /// and are settled from the peer"): a write lost by the crash stays lost.
+    NoSettle,
 }
 
 /// Static configuration of one replica.
@@ -117,6 +121,8 @@ pub enum Event {
         id: ClientOpId,
         lba: u64,
         data: Vec<u8>,
+        /// NBD FUA: durable at both sites before the ack.
+        fua: bool,
     },
     ClientTrim {
         id: ClientOpId,
@@ -132,6 +138,11 @@ pub enum Event {
         id: ClientOpId,
         lba: u64,
         blocks: u32,
+    },
+    /// NBD FLUSH: every mutation completed before it becomes durable at both sites (at this
+    /// site alone while it is the survivor of a detach).
+    ClientFlush {
+        id: ClientOpId,
     },
     /// A frame from the peer that already passed [`Frame::decode`].
     FrameReceived(Frame),
@@ -176,6 +187,10 @@ pub enum Action {
         id: ClientOpId,
         data: Vec<u8>,
         stamps: Vec<Stamp>,
+    },
+    /// The flush `id` is done: durable at both sites.
+    FlushDone {
+        id: ClientOpId,
     },
     FailClient {
         id: ClientOpId,

@@ -19,16 +19,49 @@
 //!   survivor's version wins unconditionally" hold even when the loser's clock ran ahead and
 //!   its divergent stamps are larger, while still letting a live write that overtakes a copy
 //!   win over it.
+//!
+//! Settling after a crash (DESIGN.md §4: "stamps of blocks in the activity log are untrusted
+//! and are settled from the peer"). Acknowledgements do not wait for a flush, so a crash may
+//! lose writes this site applied — its own and the peer's — and the engine may even leave a
+//! block torn. Every such block is in the persistent dirty map (the activity log). At start
+//! those blocks are *untrusted*: their content and stamp say nothing reliable.
+//!
+//! - While a block is untrusted its local content and stamp are ignored: versions from the
+//!   peer are applied by the apply rule among themselves only (the first one always). A
+//!   copy from the peer settles the block (it is trusted again); a live write does not,
+//!   because a write the peer sent before the crash and resends now may be older than what
+//!   the peer holds — a newer write of this site that the crash took away. A copy is read
+//!   from the peer's store after this site restarted, so it holds every write the crash
+//!   could have taken from here.
+//! - A local mutation covering the block also settles it: its stamp is above every stamp
+//!   this site issued or saw before the crash (the HLC high-water mark is persisted before
+//!   any stamp above it is applied or sent), so it wins over anything the crash could have
+//!   lost, at both sites.
+//! - At link-up in the same epoch an in-sync site asks the peer for its untrusted blocks
+//!   (a ResyncRequest, in batches) and the peer answers with copies.
+//! - Why no acknowledged write is lost: a write is acknowledged only after both sites
+//!   applied it; a site that then loses it in a crash has the block in its activity log, and
+//!   the peer — which did not crash — still holds that version or a newer one (its blocks
+//!   only move forward by the apply rule), which is what the restarted site takes. Both
+//!   sites losing it (two crashes before a FLUSH) is outside the contract: only FLUSH makes
+//!   writes survive the power loss of both.
+//! - If the peer's copy of the block is untrusted too (both crashed before settling), its
+//!   copy is flagged, and the two versions are merged by the apply rule and pushed again, so
+//!   the sites still converge.
+//! - An untrusted site does not answer a FlushMarker, and does not complete a client FLUSH,
+//!   until it has settled: a flush must cover the writes the crash lost here.
+//! - A survivor has no peer to settle from, so it never relies on one: while it is the
+//!   survivor, each local mutation is flushed before anything about it leaves the site.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use stretch_engine::{Stamp, BLOCK_SIZE};
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use super::{
     Action, BlockStore, ClientError, ClientOpId, Config, Content, Event, Fault, MapView, Role,
 };
-use crate::frame::{Frame, Header, Kind, BODY_BYTES_MAX};
+use crate::frame::{Frame, Header, Kind, BODY_BYTES_MAX, FLAG_FUA, FLAG_UNTRUSTED};
 use crate::stamp::{Hlc, SiteId, StampParts};
 
 const BLOCK_BYTES: usize = BLOCK_SIZE as usize;
@@ -71,6 +104,7 @@ struct QueuedWrite {
     lba: u64,
     blocks: u32,
     mutation: Mutation,
+    fua: bool,
 }
 
 /// A local mutation applied here and sent to the peer, waiting for its ack.
@@ -85,6 +119,27 @@ struct PendingWrite {
     /// 0 while the link is down (never sent yet in this link session).
     last_sent_us: u64,
     wire_bytes: usize,
+    fua: bool,
+}
+
+/// A client FLUSH waiting for the peer's DurableAck (and for this site to settle).
+#[derive(Debug)]
+struct PendingFlush {
+    id: ClientOpId,
+    peer_durable: bool,
+    /// 0 while the link is down.
+    last_sent_us: u64,
+}
+
+/// Where a version applied by [`Replica::apply_from_peer`] comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Source {
+    /// A live write, trim or write-zeroes.
+    Write,
+    /// A resync copy of the peer's current version.
+    Copy,
+    /// A copy of a block the peer has not settled either (flagged `FLAG_UNTRUSTED`).
+    UntrustedCopy,
 }
 
 #[derive(Debug)]
@@ -125,6 +180,13 @@ pub struct Counters {
     pub resync_blocks_applied: u64,
     pub divergent_blocks_saved: u64,
     pub rtt_samples: u64,
+    /// Untrusted blocks (after a crash) settled by the peer's version.
+    pub blocks_settled: u64,
+    pub settle_requests_sent: u64,
+    /// Client flushes completed (durable at both sites).
+    pub flushes_done: u64,
+    /// Flush markers of the peer answered with a DurableAck.
+    pub durable_acks_sent: u64,
 }
 
 /// One site's replication state for one volume; see the module documentation.
@@ -149,6 +211,20 @@ pub struct Replica {
     resync_out: Option<ResyncOut>,
     /// Loser: when the request was last sent or resync traffic last arrived.
     loser_progress_us: Option<u64>,
+    /// Blocks whose content and stamp are untrusted after a crash (module documentation),
+    /// each with the newest stamp applied to it from the peer since (`None`: none yet; the
+    /// first always applies, even a never-written block's ZERO). A subset of the store's
+    /// dirty blocks; empty once settled.
+    untrusted: BTreeMap<u64, Option<Stamp>>,
+    /// Untrusted blocks asked from the peer and not answered yet, and when they were asked.
+    settle_asked: BTreeSet<u64>,
+    settle_asked_us: Option<u64>,
+    /// Client flushes, keyed by the seq of their FlushMarker.
+    flushes: BTreeMap<u64, PendingFlush>,
+    /// The peer's FlushMarkers held until this site has settled, keyed by seq.
+    markers_waiting: BTreeMap<u64, Header>,
+    /// Set when something this step did must be durable before its actions leave.
+    flush_before_actions: bool,
     counters: Counters,
 }
 
@@ -161,9 +237,29 @@ impl Replica {
         // A single write must always fit an empty window, or it could never be sent.
         assert!(cfg.window_bytes_max >= BODY_BYTES_MAX as usize + crate::frame::HEADER_BYTES);
         let hlc = Hlc::start(now_us, store.hlc_high_water(), store.max_stamp());
-        // Seqs start at the clock so a restarted site never reuses an earlier seq; acks are
-        // matched on (seq, stamp) besides.
-        let next_seq = hlc.current();
+        // Seqs start at the clock, which is above every seq of an earlier life (each seq
+        // advances the clock before it is used, see `alloc_seq`), so a restarted site never
+        // reuses one; acks are matched on (seq, stamp) besides.
+        let next_seq = hlc.current().saturating_add(1);
+        // The activity log: whatever a crash may have lost or torn. A survivor has nothing
+        // lost (it flushes before anything leaves, see the module documentation), and no
+        // peer to settle from: its dirty blocks are pushed to the loser as they are.
+        let untrusted: BTreeMap<u64, Option<Stamp>> = match map.role {
+            Role::Survivor => BTreeMap::new(),
+            _ if cfg.fault == Fault::NoSettle => BTreeMap::new(),
+            _ => store
+                .dirty_blocks()
+                .into_iter()
+                .map(|b| (b, None))
+                .collect(),
+        };
+        if !untrusted.is_empty() {
+            info!(
+                site = cfg.site,
+                blocks = untrusted.len(),
+                "blocks of the activity log are untrusted until settled from the peer"
+            );
+        }
         let mut replica = Replica {
             cfg,
             map,
@@ -181,6 +277,12 @@ impl Replica {
             rtt_us_smoothed: None,
             resync_out: None,
             loser_progress_us: None,
+            untrusted,
+            settle_asked: BTreeSet::new(),
+            settle_asked_us: None,
+            flushes: BTreeMap::new(),
+            markers_waiting: BTreeMap::new(),
+            flush_before_actions: false,
             counters: Counters::default(),
         };
         replica.persist_hlc(store);
@@ -212,12 +314,26 @@ impl Replica {
         self.hlc.current()
     }
 
+    /// Whether a block is untrusted after a crash and not yet settled from the peer.
+    pub fn is_untrusted(&self, lba: u64) -> bool {
+        self.untrusted.contains_key(&lba)
+    }
+
+    /// Blocks still untrusted after a crash. A site with any may not be made the survivor of
+    /// a detach: the peer may hold acknowledged writes it lost.
+    pub fn untrusted_blocks(&self) -> usize {
+        self.untrusted.len()
+    }
+
     /// Nothing waiting, nothing in flight, nothing dirty: with the peer also quiescent and
     /// no frame on the wire, invariant 1 (convergence) must hold.
     pub fn is_quiescent(&self, store: &dyn BlockStore) -> bool {
         self.pending.is_empty()
             && self.admission.is_empty()
             && self.reads.is_empty()
+            && self.untrusted.is_empty()
+            && self.flushes.is_empty()
+            && self.markers_waiting.is_empty()
             && self
                 .resync_out
                 .as_ref()
@@ -238,7 +354,7 @@ impl Replica {
         out: &mut Vec<Action>,
     ) {
         match event {
-            Event::ClientWrite { id, lba, data } => {
+            Event::ClientWrite { id, lba, data, fua } => {
                 if data.is_empty() || data.len() % BLOCK_BYTES != 0 {
                     out.push(Action::FailClient {
                         id,
@@ -247,20 +363,18 @@ impl Replica {
                     return;
                 }
                 let blocks = (data.len() / BLOCK_BYTES) as u64;
-                self.client_mutation(now_us, id, lba, blocks, Mutation::Write(data), store, out);
+                let q = (id, lba, blocks, Mutation::Write(data), fua);
+                self.client_mutation(now_us, q, store, out);
             }
             Event::ClientTrim { id, lba, blocks } => {
-                self.client_mutation(now_us, id, lba, blocks.into(), Mutation::Trim, store, out)
+                let q = (id, lba, blocks.into(), Mutation::Trim, false);
+                self.client_mutation(now_us, q, store, out)
             }
-            Event::ClientWriteZeroes { id, lba, blocks } => self.client_mutation(
-                now_us,
-                id,
-                lba,
-                blocks.into(),
-                Mutation::WriteZeroes,
-                store,
-                out,
-            ),
+            Event::ClientWriteZeroes { id, lba, blocks } => {
+                let q = (id, lba, blocks.into(), Mutation::WriteZeroes, false);
+                self.client_mutation(now_us, q, store, out)
+            }
+            Event::ClientFlush { id } => self.client_flush(now_us, id, out),
             Event::ClientRead { id, lba, blocks } => self.client_read(id, lba, blocks, store, out),
             Event::FrameReceived(frame) => self.on_frame(now_us, frame, store, out),
             Event::Tick => self.on_tick(now_us, store, out),
@@ -273,6 +387,29 @@ impl Replica {
             } => self.on_detach(now_us, survivor, new_epoch, fenced_before, store, out),
             Event::Rejoin { new_epoch } => self.on_rejoin(new_epoch, store, out),
         }
+        self.complete_flushes(out);
+        self.answer_waiting_markers(out);
+        if std::mem::take(&mut self.flush_before_actions) {
+            // Acks of FUA writes, flushes and a survivor's writes leave only after this.
+            store.flush();
+        }
+        self.persist_hlc(store);
+    }
+
+    /// The next seq; the clock is advanced past it so the persisted high-water mark bounds
+    /// every seq this life issues (see `start`).
+    fn alloc_seq(&mut self) -> u64 {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.hlc.advance_to(seq);
+        seq
+    }
+
+    /// Every stamp seen advances the clock, and the high-water mark is persisted before the
+    /// stamp is applied: a crash right after the apply must not restart the clock below it,
+    /// or a later local write could be stamped below a version the peer holds.
+    fn observe(&mut self, stamp: Stamp, store: &mut dyn BlockStore) {
+        self.hlc.observe(stamp);
         self.persist_hlc(store);
     }
 
@@ -284,14 +421,10 @@ impl Replica {
 
     // ----- client requests -----------------------------------------------------------------
 
-    #[allow(clippy::too_many_arguments)]
     fn client_mutation(
         &mut self,
         now_us: u64,
-        id: ClientOpId,
-        lba: u64,
-        blocks: u64,
-        mutation: Mutation,
+        (id, lba, blocks, mutation, fua): (ClientOpId, u64, u64, Mutation, bool),
         store: &mut dyn BlockStore,
         out: &mut Vec<Action>,
     ) {
@@ -311,6 +444,7 @@ impl Replica {
             lba,
             blocks: blocks as u32,
             mutation,
+            fua,
         };
         match self.map.role {
             Role::Loser => out.push(Action::FailClient {
@@ -354,7 +488,7 @@ impl Replica {
         now_us: u64,
         lba: u64,
         blocks: u32,
-        store: &dyn BlockStore,
+        store: &mut dyn BlockStore,
     ) -> Option<Stamp> {
         let covered: Vec<Stamp> = (lba..lba + u64::from(blocks))
             .map(|b| store.stamp(b))
@@ -370,6 +504,8 @@ impl Replica {
             return None;
         }
         let hlc = self.hlc.next_for(now_us, self.map.epoch, &covered);
+        // Persisted before the stamp is applied or sent (see `observe`).
+        self.persist_hlc(store);
         Some(
             StampParts {
                 accept_epoch: self.map.epoch,
@@ -393,6 +529,14 @@ impl Replica {
             store.mark_dirty(lba);
             let applied = self.apply_rule(store, lba, q.mutation.content(i), stamp);
             debug_assert!(applied, "a local stamp exceeds the block's current stamp");
+            // The whole block is replaced, under a stamp above anything the crash could have
+            // lost here: it is settled (module documentation).
+            self.settled(lba);
+        }
+        // A survivor is the only copy: nothing about a mutation leaves before it is durable.
+        // FUA: durable here before the ack (the peer does its part before its WriteAck).
+        if self.map.role == Role::Survivor || q.fua {
+            self.flush_before_actions = true;
         }
         Some(stamp)
     }
@@ -433,8 +577,7 @@ impl Replica {
         for b in q.lba..q.lba + u64::from(q.blocks) {
             *self.block_pending.entry(b).or_insert(0) += 1;
         }
-        let seq = self.next_seq;
-        self.next_seq += 1;
+        let seq = self.alloc_seq();
         let wire_bytes = crate::frame::HEADER_BYTES + q.mutation.body_bytes();
         let mut p = PendingWrite {
             id: q.id,
@@ -445,6 +588,7 @@ impl Replica {
             accept_epoch: self.map.epoch,
             last_sent_us: 0,
             wire_bytes,
+            fua: q.fua,
         };
         self.inflight_bytes += wire_bytes;
         if self.link_up {
@@ -481,6 +625,98 @@ impl Replica {
                     self.admit(now_us, q, store, out);
                 }
             }
+        }
+    }
+
+    /// NBD FLUSH: "all writes that have completed" become durable (NBD proto.md), here at
+    /// both sites. Those writes were applied at both before their acks, so a flush of each
+    /// site's store after the FLUSH arrived covers them; the peer's is asked for with a
+    /// FlushMarker and confirmed by its DurableAck, and like a write it waits for a peer that
+    /// is unreachable (resent on link-up and on a timer).
+    fn client_flush(&mut self, now_us: u64, id: ClientOpId, out: &mut Vec<Action>) {
+        if self.map.role == Role::Loser {
+            out.push(Action::FailClient {
+                id,
+                error: ClientError::Io,
+            });
+            return;
+        }
+        if self.flushes.len() >= self.cfg.admission_queue_max {
+            out.push(Action::FailClient {
+                id,
+                error: ClientError::Busy,
+            });
+            return;
+        }
+        let seq = self.alloc_seq();
+        let mut flush = PendingFlush {
+            id,
+            // A survivor is the only copy while detached (single-copy durability).
+            peer_durable: self.map.role == Role::Survivor,
+            last_sent_us: 0,
+        };
+        if !flush.peer_durable && self.link_up {
+            flush.last_sent_us = now_us.max(1);
+            out.push(Action::SendFrame(self.flush_marker(seq)));
+        }
+        self.flushes.insert(seq, flush);
+    }
+
+    fn flush_marker(&self, seq: u64) -> Frame {
+        let mut h = self.header(Kind::FlushMarker);
+        h.seq = seq;
+        Frame::new(h, Vec::new())
+    }
+
+    /// Completes the flushes the peer has made durable, once this site has settled: the
+    /// flush at the end of the step then covers every write completed before them.
+    fn complete_flushes(&mut self, out: &mut Vec<Action>) {
+        if !self.untrusted.is_empty() || !self.flushes.values().any(|f| f.peer_durable) {
+            return;
+        }
+        let done: Vec<u64> = self
+            .flushes
+            .iter()
+            .filter(|(_, f)| f.peer_durable)
+            .map(|(seq, _)| *seq)
+            .collect();
+        for seq in done {
+            if let Some(f) = self.flushes.remove(&seq) {
+                self.counters.flushes_done += 1;
+                out.push(Action::FlushDone { id: f.id });
+            }
+        }
+        self.flush_before_actions = true;
+    }
+
+    /// The peer's FlushMarker: answered with a DurableAck after this site's store is flushed,
+    /// but only once this site has settled, or the flush would not cover the writes a crash
+    /// lost here.
+    fn on_flush_marker(&mut self, h: &Header) {
+        if self.map.role == Role::Loser || h.accept_epoch > self.map.epoch {
+            return;
+        }
+        // Full: dropped; the peer resends it.
+        if self.markers_waiting.len() < self.cfg.admission_queue_max {
+            self.markers_waiting.insert(h.seq, *h);
+        }
+    }
+
+    fn answer_waiting_markers(&mut self, out: &mut Vec<Action>) {
+        if self.markers_waiting.is_empty() || !self.untrusted.is_empty() {
+            return;
+        }
+        // The DurableAcks leave after the flush at the end of this step.
+        self.flush_before_actions = true;
+        for (_, h) in std::mem::take(&mut self.markers_waiting) {
+            self.counters.durable_acks_sent += 1;
+            out.push(Action::SendFrame(self.reply(Kind::DurableAck, &h)));
+        }
+    }
+
+    fn on_durable_ack(&mut self, h: &Header) {
+        if let Some(f) = self.flushes.get_mut(&h.seq) {
+            f.peer_durable = true;
         }
     }
 
@@ -589,6 +825,65 @@ impl Replica {
         true
     }
 
+    /// Applies a version of `lba` that came from the peer and returns whether it was written.
+    /// Untrusted blocks follow the rules of the module documentation.
+    fn apply_from_peer(
+        &mut self,
+        store: &mut dyn BlockStore,
+        lba: u64,
+        content: Content<'_>,
+        stamp: Stamp,
+        source: Source,
+    ) -> bool {
+        // A crash may lose this write too, so it goes into the activity log first; the clear
+        // after it becomes durable only with the next flush.
+        let was_dirty = store.is_dirty(lba);
+        if !was_dirty {
+            store.mark_dirty(lba);
+        }
+        let Some(&newest_from_peer) = self.untrusted.get(&lba) else {
+            let applied = self.apply_rule(store, lba, content, stamp);
+            if !was_dirty {
+                store.clear_dirty(lba);
+            }
+            return applied;
+        };
+        if source == Source::UntrustedCopy {
+            // Both sites crashed before settling the block: either version may be stale. Keep
+            // the newer, and push it, so the peer converges on the same one. The block stays
+            // dirty until the push is acknowledged.
+            self.settled(lba);
+            let applied = self.apply_rule(store, lba, content, stamp);
+            if let Some(ro) = self.resync_out.as_mut() {
+                ro.to_send.insert(lba);
+            }
+            return applied;
+        }
+        // The local content does not count; peer versions go by the apply rule among
+        // themselves.
+        let applied = newest_from_peer.is_none_or(|newest| stamp > newest);
+        if applied {
+            store.write(lba, content, stamp);
+            self.untrusted.insert(lba, Some(stamp));
+        }
+        if source == Source::Copy {
+            self.settled(lba);
+            // Now the peer's version (or a newer one of its): clean, unless a local write still
+            // waits on the block (a loser's blocks are cleaned by its own resync rule).
+            if self.map.role == Role::InSync && !self.block_pending.contains_key(&lba) {
+                store.clear_dirty(lba);
+            }
+        }
+        applied
+    }
+
+    fn settled(&mut self, lba: u64) {
+        if self.untrusted.remove(&lba).is_some() {
+            self.settle_asked.remove(&lba);
+            self.counters.blocks_settled += 1;
+        }
+    }
+
     // ----- frames --------------------------------------------------------------------------
 
     fn header(&self, kind: Kind) -> Header {
@@ -608,6 +903,9 @@ impl Replica {
         h.lba = p.lba;
         h.blocks = p.blocks;
         h.stamp = p.stamp;
+        if p.fua {
+            h.flags |= FLAG_FUA;
+        }
         let body = match &p.mutation {
             Mutation::Write(data) => data.clone(),
             _ => Vec::new(),
@@ -655,11 +953,8 @@ impl Replica {
             // The link hands control frames to the control plane; one reaching the core came
             // by another path and carries nothing for it.
             Kind::Control => self.counters.frames_foreign += 1,
-            // The sync policy acknowledges on apply; durable acks and flush markers belong to
-            // sync-received and async, which are not implemented yet.
-            Kind::DurableAck | Kind::FlushMarker => {
-                debug!(kind = ?h.kind, "frame kind unused by the sync policy");
-            }
+            Kind::FlushMarker => self.on_flush_marker(&h),
+            Kind::DurableAck => self.on_durable_ack(&h),
         }
     }
 
@@ -705,13 +1000,17 @@ impl Replica {
             self.counters.mutations_from_future += 1;
             return;
         }
-        self.hlc.observe(h.stamp);
+        self.observe(h.stamp, store);
         for i in 0..h.blocks as usize {
             let content = match h.kind {
                 Kind::Write => Content::Data(&body[i * BLOCK_BYTES..][..BLOCK_BYTES]),
                 _ => Content::Zero,
             };
-            self.apply_rule(store, h.lba + i as u64, content, h.stamp);
+            self.apply_from_peer(store, h.lba + i as u64, content, h.stamp, Source::Write);
+        }
+        if h.flags & FLAG_FUA != 0 {
+            // The WriteAck leaves after the flush at the end of this step.
+            self.flush_before_actions = true;
         }
         // Applied (or superseded by a newer stamp, which is the same for every later read):
         // only now may the origin count this site in its ack.
@@ -836,6 +1135,23 @@ impl Replica {
                 self.counters.writes_retransmitted += 1;
             }
         }
+        let in_sync = self.map.role == Role::InSync;
+        let mut markers = Vec::new();
+        for (seq, f) in self.flushes.iter_mut() {
+            if in_sync && !f.peer_durable && due(f.last_sent_us) {
+                f.last_sent_us = now_us.max(1);
+                markers.push(*seq);
+            }
+        }
+        for seq in markers {
+            out.push(Action::SendFrame(self.flush_marker(seq)));
+        }
+        if in_sync
+            && !self.untrusted.is_empty()
+            && (self.settle_asked.is_empty() || self.settle_asked_us.is_none_or(due))
+        {
+            self.send_settle_request(now_us, out);
+        }
         if let Some(ro) = self.resync_out.as_mut() {
             let stale: Vec<u64> = ro
                 .in_flight
@@ -870,18 +1186,35 @@ impl Replica {
                         out.push(Action::SendFrame(self.write_frame(seq, p)));
                     }
                 }
-                // Dirty blocks no pending write covers are left from a crash: push them, and
-                // the apply rule at the peer keeps whichever version is newer.
+                let markers: Vec<u64> = self
+                    .flushes
+                    .iter_mut()
+                    .filter(|(_, f)| !f.peer_durable)
+                    .map(|(seq, f)| {
+                        f.last_sent_us = now_us.max(1);
+                        *seq
+                    })
+                    .collect();
+                for seq in markers {
+                    out.push(Action::SendFrame(self.flush_marker(seq)));
+                }
+                // Dirty blocks no pending write covers are left from a link outage, or merged
+                // after a double crash: push them, and the apply rule at the peer keeps
+                // whichever version is newer. Untrusted blocks are never pushed: they are
+                // asked for instead.
                 let to_send: BTreeSet<u64> = store
                     .dirty_blocks()
                     .into_iter()
-                    .filter(|b| !self.block_pending.contains_key(b))
+                    .filter(|b| {
+                        !self.block_pending.contains_key(b) && !self.untrusted.contains_key(b)
+                    })
                     .collect();
                 self.resync_out = Some(ResyncOut {
                     to_send,
                     ..ResyncOut::default()
                 });
                 self.pump_resync(now_us, store, out);
+                self.send_settle_request(now_us, out);
             }
             // The survivor waits for the loser's request: the loser must first discard its
             // divergent blocks, and only then may copies and live writes reach it.
@@ -895,6 +1228,8 @@ impl Replica {
         self.heartbeats.clear();
         self.resync_out = None;
         self.loser_progress_us = None;
+        self.settle_asked.clear();
+        self.settle_asked_us = None;
         if self.map.role == Role::Survivor {
             // The peer was a sync target only while connected; the survivor carries on alone
             // and its writes stay dirty for the next resync.
@@ -929,12 +1264,32 @@ impl Replica {
         self.map.fenced_before = fenced_before;
         self.resync_out = None;
         self.loser_progress_us = None;
+        self.settle_asked.clear();
+        self.settle_asked_us = None;
+        // Only the survivor's flushes go on, and nobody asks the loser for durability.
+        self.markers_waiting.clear();
         if survivor == self.cfg.site {
             info!(
                 site = self.cfg.site,
                 new_epoch, "detached the peer; serving alone"
             );
+            if !self.untrusted.is_empty() {
+                // The control plane must not pick an unsettled site (untrusted_blocks): the
+                // peer may hold acknowledged writes this site lost in its crash.
+                warn!(
+                    site = self.cfg.site,
+                    blocks = self.untrusted.len(),
+                    "made survivor before settling; blocks lost in the crash stay lost"
+                );
+                self.untrusted.clear();
+            }
             self.map.role = Role::Survivor;
+            // This site is now the only copy: everything applied so far, and every write
+            // acknowledged alone below, is flushed before the acks leave.
+            self.flush_before_actions = true;
+            for f in self.flushes.values_mut() {
+                f.peer_durable = true;
+            }
             self.ack_pending_alone(out);
         } else {
             info!(
@@ -952,6 +1307,12 @@ impl Replica {
             }
             self.block_pending.clear();
             self.inflight_bytes = 0;
+            for (_, f) in std::mem::take(&mut self.flushes) {
+                out.push(Action::FailClient {
+                    id: f.id,
+                    error: ClientError::Io,
+                });
+            }
         }
         self.drain_admission(now_us, store, out);
         self.serve_reads(store, out);
@@ -998,6 +1359,13 @@ impl Replica {
                     // ZERO loses to every copy and every live write of the survivor.
                     store.write(lba, Content::Zero, Stamp::ZERO);
                 }
+                // The reset must be durable before it is recorded as done: a restart would
+                // not repeat it, and a divergent block a crash brought back would win over
+                // the survivor's copies by its stamp. The untrusted blocks (all dirty) are
+                // now known zeroes.
+                store.flush();
+                self.untrusted.clear();
+                self.settle_asked.clear();
             }
             store.persist_resync_reset_epoch(self.map.epoch);
         }
@@ -1010,8 +1378,7 @@ impl Replica {
         };
         // One request is `blocks` chunks under one request id (`seq`), chunk index in `lba`:
         // the survivor counts distinct chunks, so a lost chunk is never mistaken for the end.
-        let request_id = self.next_seq;
-        self.next_seq += 1;
+        let request_id = self.alloc_seq();
         let chunk_count = chunks.len() as u32;
         for (i, chunk) in chunks.into_iter().enumerate() {
             let mut h = self.header(Kind::ResyncRequest);
@@ -1021,6 +1388,29 @@ impl Replica {
             let body: Vec<u8> = chunk.iter().flat_map(|b| b.to_le_bytes()).collect();
             out.push(Action::SendFrame(Frame::new(h, body)));
         }
+    }
+
+    /// In sync after a restart: asks the peer for the next batch of untrusted blocks. One
+    /// batch at a time, resent after `retransmit_after_us`; the peer's copies settle them.
+    fn send_settle_request(&mut self, now_us: u64, out: &mut Vec<Action>) {
+        if !self.link_up || self.map.role != Role::InSync || self.untrusted.is_empty() {
+            return;
+        }
+        let batch: Vec<u64> = self
+            .untrusted
+            .keys()
+            .take(self.cfg.resync_request_lbas_max.max(1))
+            .copied()
+            .collect();
+        self.settle_asked = batch.iter().copied().collect();
+        self.settle_asked_us = Some(now_us);
+        let mut h = self.header(Kind::ResyncRequest);
+        h.seq = self.alloc_seq();
+        // One chunk, index 0: the shape of a loser's request.
+        h.blocks = 1;
+        let body: Vec<u8> = batch.iter().flat_map(|b| b.to_le_bytes()).collect();
+        self.counters.settle_requests_sent += 1;
+        out.push(Action::SendFrame(Frame::new(h, body)));
     }
 
     fn on_resync_request(
@@ -1035,8 +1425,31 @@ impl Replica {
             self.counters.frames_foreign += 1;
             return;
         }
-        if self.map.role != Role::Survivor || h.accept_epoch != self.map.epoch || !self.link_up {
+        if h.accept_epoch != self.map.epoch || !self.link_up {
             return;
+        }
+        match self.map.role {
+            Role::Loser => return,
+            Role::InSync => {
+                // A restarted peer settling its untrusted blocks: send our version of each.
+                let blocks = store.blocks();
+                let Some(ro) = self.resync_out.as_mut() else {
+                    return;
+                };
+                for lba in body.chunks_exact(8) {
+                    let mut b = [0u8; 8];
+                    b.copy_from_slice(lba);
+                    let lba = u64::from_le_bytes(b);
+                    if lba < blocks {
+                        ro.to_send.insert(lba);
+                    } else {
+                        self.counters.frames_foreign += 1;
+                    }
+                }
+                self.pump_resync(now_us, store, out);
+                return;
+            }
+            Role::Survivor => {}
         }
         if self.resync_out.is_none() {
             info!(
@@ -1087,6 +1500,7 @@ impl Replica {
         }
         let limit = self.cfg.resync_blocks_in_flight_max;
         let header = self.header(Kind::ResyncBlock);
+        let untrusted = &self.untrusted;
         let Some(ro) = self.resync_out.as_mut() else {
             return;
         };
@@ -1100,6 +1514,10 @@ impl Replica {
             h.lba = lba;
             h.blocks = 1;
             h.stamp = stamp;
+            if untrusted.contains_key(&lba) {
+                // Asked for by a peer that crashed too: our version may be stale as well.
+                h.flags |= FLAG_UNTRUSTED;
+            }
             // A tombstone or an all-zero block travels without a body.
             let body = if data.iter().all(|&x| x == 0) {
                 Vec::new()
@@ -1135,13 +1553,18 @@ impl Replica {
             self.counters.mutations_from_future += 1;
             return;
         }
-        self.hlc.observe(h.stamp);
+        self.observe(h.stamp, store);
         let content = if body.is_empty() {
             Content::Zero
         } else {
             Content::Data(body)
         };
-        if self.apply_rule(store, h.lba, content, h.stamp) {
+        let source = if h.flags & FLAG_UNTRUSTED != 0 && self.cfg.fault != Fault::NoSettle {
+            Source::UntrustedCopy
+        } else {
+            Source::Copy
+        };
+        if self.apply_from_peer(store, h.lba, content, h.stamp, source) {
             self.counters.resync_blocks_applied += 1;
         }
         // A loser's block is settled by a copy sent in this epoch, i.e. after its divergent
@@ -1154,6 +1577,8 @@ impl Replica {
             self.loser_progress_us = Some(now_us);
         }
         out.push(Action::SendFrame(self.reply(Kind::ResyncAck, h)));
+        // A settled block may be what a waiting read waits for.
+        self.serve_reads(store, out);
     }
 
     fn on_resync_ack(
@@ -1163,6 +1588,7 @@ impl Replica {
         store: &mut dyn BlockStore,
         out: &mut Vec<Action>,
     ) {
+        let untrusted = self.untrusted.contains_key(&h.lba);
         let Some(ro) = self.resync_out.as_mut() else {
             return;
         };
@@ -1174,8 +1600,9 @@ impl Replica {
             ro.in_flight.remove(&h.lba);
             // The peer now holds this version or a newer one. The block here changed since
             // only by a peer write (which the peer has) or by a local write still pending
-            // (whose own ack cleans the block), so it is clean unless a local write waits.
-            if !self.block_pending.contains_key(&h.lba) {
+            // (whose own ack cleans the block), so it is clean unless a local write waits
+            // or our copy was itself untrusted.
+            if !self.block_pending.contains_key(&h.lba) && !untrusted {
                 store.clear_dirty(h.lba);
             }
         }

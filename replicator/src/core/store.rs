@@ -18,8 +18,15 @@ pub enum Content<'a> {
     Zero,
 }
 
-/// One site's storage as the replication core sees it. Every method is crash-atomic: after a
-/// crash the store holds either the state before or after each call, never a mix.
+/// One site's storage as the replication core sees it.
+///
+/// Durability follows the engine, not an ideal disk: a `write` is visible to every later
+/// `stamp`/`read` at once, but survives a crash only after [`BlockStore::flush`]. A crash may
+/// lose any block written since the last flush (it comes back with its old content and
+/// stamp, or — in the engine — torn, failing its checksum). Every such block is in the
+/// persistent dirty map, because the core marks a block dirty before it writes it and
+/// `clear_dirty` becomes persistent only with the next flush; that is the activity log from
+/// which a restarted site learns which blocks it cannot trust (DESIGN.md §4).
 pub trait BlockStore {
     /// Size of the volume in blocks.
     fn blocks(&self) -> u64;
@@ -33,7 +40,11 @@ pub trait BlockStore {
     /// Marks a block as possibly different from the peer, persistently, before the
     /// mutation that may make it so.
     fn mark_dirty(&mut self, lba: u64);
+    /// Clears the in-memory dirty bit at once; the persistent one is cleared no earlier than
+    /// the next flush (a block cleared and then lost by a crash must still be dirty).
     fn clear_dirty(&mut self, lba: u64);
+    /// Makes every write so far durable (data and stamps), and every dirty-bit clear.
+    fn flush(&mut self);
     fn is_dirty(&self, lba: u64) -> bool;
     /// Every dirty block, in ascending order.
     fn dirty_blocks(&self) -> Vec<u64>;

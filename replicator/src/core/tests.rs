@@ -131,6 +131,7 @@ fn origin_read_waits_for_its_write_pending_at_the_peer() {
             id: 1,
             lba: 4,
             data: vec![7; BLOCK_BYTES],
+            fua: false,
         },
     );
     let write = frames(&out).pop().expect("write sent to the peer");
@@ -194,6 +195,7 @@ fn detach_acks_pending_at_the_survivor_and_fails_them_at_the_loser() {
                 id: 9,
                 lba: 1,
                 data,
+                fua: false,
             },
         );
         assert!(out.is_empty(), "sync: no ack while the peer is unreachable");
@@ -256,16 +258,19 @@ fn unaligned_empty_and_out_of_range_mutations_are_invalid() {
             id: 1,
             lba: 0,
             data: vec![1; 100],
+            fua: false,
         },
         Event::ClientWrite {
             id: 2,
             lba: 0,
             data: Vec::new(),
+            fua: false,
         },
         Event::ClientWrite {
             id: 3,
             lba: 7,
             data: vec![1; 2 * BLOCK_BYTES],
+            fua: false,
         },
         Event::ClientTrim {
             id: 4,
@@ -340,6 +345,7 @@ fn local_stamp_exceeds_a_block_stamped_by_a_clock_far_ahead() {
             id: 1,
             lba: 6,
             data: vec![2; BLOCK_BYTES],
+            fua: false,
         },
     );
     assert!(store.stamp(6) > ahead.header.stamp);

@@ -75,6 +75,7 @@ struct ReadRec {
 pub struct Checker {
     writes: BTreeMap<ClientOpId, WriteRec>,
     reads: BTreeMap<ClientOpId, ReadRec>,
+    flushes: BTreeMap<ClientOpId, Outcome>,
     stamp_owner: BTreeMap<Stamp, ClientOpId>,
     /// Per block: the largest stamp of an acknowledged mutation.
     acked_max: Vec<Stamp>,
@@ -89,6 +90,7 @@ impl Checker {
         Checker {
             writes: BTreeMap::new(),
             reads: BTreeMap::new(),
+            flushes: BTreeMap::new(),
             stamp_owner: BTreeMap::new(),
             acked_max: vec![Stamp::ZERO; blocks as usize],
             observed_max: vec![Stamp::ZERO; blocks as usize],
@@ -107,6 +109,21 @@ impl Checker {
                 outcome: Outcome::Pending,
             },
         );
+    }
+
+    pub fn start_flush(&mut self, id: ClientOpId) {
+        self.flushes.insert(id, Outcome::Pending);
+    }
+
+    pub fn on_flush_done(&mut self, id: ClientOpId) -> Result<(), String> {
+        match self.flushes.get_mut(&id) {
+            Some(o @ Outcome::Pending) => {
+                *o = Outcome::Acked(Stamp::ZERO);
+                Ok(())
+            }
+            Some(o) => Err(format!("flush {id} completed twice ({o:?}, then done)")),
+            None => Err(format!("flush reply for unknown op {id}")),
+        }
     }
 
     pub fn start_read(&mut self, id: ClientOpId, site: SiteId, lba: u64, blocks: u32, epoch: u32) {
@@ -130,6 +147,7 @@ impl Checker {
             .get(&id)
             .map(|w| w.outcome)
             .or_else(|| self.reads.get(&id).map(|r| r.outcome))
+            .or_else(|| self.flushes.get(&id).copied())
     }
 
     pub fn outstanding(&self) -> usize {
@@ -141,6 +159,11 @@ impl Checker {
                 .reads
                 .values()
                 .filter(|r| r.outcome == Outcome::Pending)
+                .count()
+            + self
+                .flushes
+                .values()
+                .filter(|o| **o == Outcome::Pending)
                 .count()
     }
 
@@ -177,6 +200,11 @@ impl Checker {
                 return Err(format!("op {id} completed twice"));
             }
             r.outcome = Outcome::Failed;
+        } else if let Some(f) = self.flushes.get_mut(&id) {
+            if *f != Outcome::Pending {
+                return Err(format!("op {id} completed twice"));
+            }
+            *f = Outcome::Failed;
         } else {
             return Err(format!("failure for unknown op {id}"));
         }
@@ -191,6 +219,9 @@ impl Checker {
             }
             if let Some(r) = self.reads.get_mut(id) {
                 r.outcome = Outcome::Lost;
+            }
+            if let Some(f) = self.flushes.get_mut(id) {
+                *f = Outcome::Lost;
             }
         }
     }

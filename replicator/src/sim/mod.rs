@@ -7,13 +7,26 @@
 //!
 //! The control plane is modelled as ideal: a committed detach reaches both sites in the same
 //! step. That is what the leases of §6 guarantee (the loser stops serving before the
-//! survivor acknowledges alone); the leases themselves belong to the witness crate.
+//! survivor acknowledges alone); the leases themselves belong to the witness crate. It never
+//! makes a site with untrusted blocks (restarted, not yet settled) the survivor: such a site
+//! is not in sync.
+//!
+//! Crashes lose what was not flushed ([`MemStore::crash`]); sites flush only when the
+//! protocol asks (FLUSH, FUA, a survivor's writes) and now and then in the background (the
+//! daemon's region clears). A crash loses data only while the other site is up and settled:
+//! two overlapping crashes may lose acknowledged writes that no FLUSH covered, which the
+//! contract allows (§7 inv. 2), and the checker does not model that case.
+//!
+//! Frames in flight survive link outages (delivered in a later session), but not a restart
+//! of either end: a frame of a dead process's session is processed before that session's
+//! LinkDown at the receiver, or lost with the receiver's memory (the link driver delivers a
+//! session's frames and its LinkDown in order on one queue).
 
 mod checker;
 mod store;
 
 pub use checker::{block_pattern, Checker, Outcome};
-pub use store::MemStore;
+pub use store::{Loss, MemStore};
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -157,6 +170,10 @@ pub struct SimReport {
     pub frames_rejected: u64,
     pub frames_fenced: u64,
     pub divergent_saved: u64,
+    /// Blocks crashes took back to their flushed version.
+    pub blocks_lost: u64,
+    pub blocks_settled: u64,
+    pub flushes_done: u64,
 }
 
 #[derive(Debug)]
@@ -165,6 +182,8 @@ enum Ev {
         to: SiteId,
         bytes: Vec<u8>,
         stale_ok: bool,
+        /// Both sites' incarnations when it was sent.
+        lives: [u64; 2],
     },
     Tick(SiteId),
     ClientOp(SiteId),
@@ -175,6 +194,8 @@ enum Ev {
 
 struct Site {
     replica: Option<Replica>,
+    /// Counts starts; frames of another incarnation are never delivered.
+    incarnation: u64,
     store: MemStore,
     /// Ops this site's clients have outstanding (lost on a crash).
     ops: Vec<ClientOpId>,
@@ -202,8 +223,8 @@ pub struct World {
     trace: std::collections::VecDeque<String>,
 }
 
-/// Frames of one kind from one site, kept aside: (from, kind, [(to, bytes)]).
-type Held = (SiteId, Kind, Vec<(SiteId, Vec<u8>)>);
+/// Frames of one kind from one site, kept aside: (from, kind, [(to, bytes, lives)]).
+type Held = (SiteId, Kind, Vec<(SiteId, Vec<u8>, [u64; 2])>);
 
 /// The committed cluster map of the one CG.
 #[derive(Clone, Copy, Debug)]
@@ -242,11 +263,13 @@ impl World {
             sites: [
                 Site {
                     replica: None,
+                    incarnation: 0,
                     store: MemStore::new(blocks),
                     ops: Vec::new(),
                 },
                 Site {
                     replica: None,
+                    incarnation: 0,
                     store: MemStore::new(blocks),
                     ops: Vec::new(),
                 },
@@ -366,12 +389,12 @@ impl World {
         r.writes_acked = self.checker.writes_acked;
         r.reads_checked = self.checker.reads_checked;
         r.frames_rejected = self.rejects.total();
-        r.frames_fenced += self
-            .sites
-            .iter()
-            .filter_map(|s| s.replica.as_ref())
-            .map(|r| r.counters().mutations_fenced)
-            .sum::<u64>();
+        for replica in self.sites.iter().filter_map(|s| s.replica.as_ref()) {
+            let c = replica.counters();
+            r.frames_fenced += c.mutations_fenced;
+            r.blocks_settled += c.blocks_settled;
+            r.flushes_done += c.flushes_done;
+        }
         r
     }
 
@@ -386,21 +409,61 @@ impl World {
         let now = self.clock(site);
         let view = self.map.view(site);
         let s = &mut self.sites[usize::from(site)];
+        s.incarnation += 1;
         s.replica = Some(Replica::start(cfg, now, view, &mut s.store));
         self.note(|| format!("site {site} started {view:?}"));
     }
 
     pub fn crash(&mut self, site: SiteId) -> SimResult<()> {
+        // Lossy only while the other site holds a settled copy (module documentation).
+        let lossy = self.sites[usize::from(1 - site)]
+            .replica
+            .as_ref()
+            .is_some_and(|r| r.untrusted_blocks() == 0);
+        self.crash_with(site, lossy, false)
+    }
+
+    /// A crash that loses every block written at `site` since its last flush (a power loss),
+    /// whatever the other site's state (scripted tests).
+    pub fn power_loss(&mut self, site: SiteId) -> SimResult<()> {
+        self.crash_with(site, true, true)
+    }
+
+    fn crash_with(&mut self, site: SiteId, lossy: bool, all: bool) -> SimResult<()> {
         let s = &mut self.sites[usize::from(site)];
         let Some(replica) = s.replica.take() else {
             return Ok(());
         };
+        s.incarnation += 1;
+        let before = s.store.blocks_lost;
+        s.store.crash(match (lossy, all) {
+            (false, _) => Loss::Nothing,
+            (true, false) => Loss::Random(&mut self.rng),
+            (true, true) => Loss::All,
+        });
+        let lost = s.store.blocks_lost - before;
         self.report.frames_fenced += replica.counters().mutations_fenced;
+        self.report.blocks_settled += replica.counters().blocks_settled;
+        self.report.flushes_done += replica.counters().flushes_done;
+        self.report.blocks_lost += lost;
         let ops = std::mem::take(&mut s.ops);
         self.checker.on_crash(&ops);
         self.report.crashes += 1;
-        self.note(|| format!("site {site} crashed, {} ops lost", ops.len()));
+        self.note(|| {
+            format!(
+                "site {site} crashed (lossy {lossy}, {lost} blocks lost), {} ops lost",
+                ops.len()
+            )
+        });
         self.update_link()
+    }
+
+    /// A background flush at `site` (the daemon's periodic region clears flush the volume).
+    pub fn flush_store(&mut self, site: SiteId) {
+        let s = &mut self.sites[usize::from(site)];
+        if s.replica.is_some() {
+            crate::core::BlockStore::flush(&mut s.store);
+        }
     }
 
     pub fn restart(&mut self, site: SiteId) -> SimResult<()> {
@@ -430,13 +493,14 @@ impl World {
             return 0;
         };
         let n = frames.len();
-        for (to, bytes) in frames {
+        for (to, bytes, lives) in frames {
             self.schedule(
                 1,
                 Ev::Deliver {
                     to,
                     bytes,
                     stale_ok: true,
+                    lives,
                 },
             );
         }
@@ -486,8 +550,14 @@ impl World {
         {
             return Ok(());
         }
+        // §6: only an in-sync site can survive; a restarted one is not until it has settled.
         let up: Vec<SiteId> = (0..2)
-            .filter(|&s| self.sites[usize::from(s)].replica.is_some())
+            .filter(|&s| {
+                self.sites[usize::from(s)]
+                    .replica
+                    .as_ref()
+                    .is_some_and(|r| r.untrusted_blocks() == 0)
+            })
             .collect();
         let survivor = match up.as_slice() {
             [] => return Ok(()),
@@ -579,6 +649,10 @@ impl World {
                 self.op_done(site, id);
                 self.checker.on_ack(id, stamp)
             }
+            Action::FlushDone { id } => {
+                self.op_done(site, id);
+                self.checker.on_flush_done(id)
+            }
             Action::FailClient { id, .. } => {
                 self.op_done(site, id);
                 self.checker.on_fail(id)
@@ -608,9 +682,10 @@ impl World {
     fn send(&mut self, from: SiteId, frame: &Frame) {
         let to = 1 - from;
         let mut bytes = frame.encode();
+        let lives = [self.sites[0].incarnation, self.sites[1].incarnation];
         if let Some((held_from, kind, frames)) = self.held.as_mut() {
             if *held_from == from && *kind == frame.header.kind {
-                frames.push((to, bytes));
+                frames.push((to, bytes, lives));
                 return;
             }
         }
@@ -637,12 +712,23 @@ impl World {
                     to,
                     bytes: bytes.clone(),
                     stale_ok,
+                    lives,
                 },
             );
         }
     }
 
-    fn deliver(&mut self, to: SiteId, bytes: Vec<u8>, stale_ok: bool) -> SimResult<()> {
+    fn deliver(
+        &mut self,
+        to: SiteId,
+        bytes: Vec<u8>,
+        stale_ok: bool,
+        lives: [u64; 2],
+    ) -> SimResult<()> {
+        if lives != [self.sites[0].incarnation, self.sites[1].incarnation] {
+            // An end restarted since: see the module documentation.
+            return Ok(());
+        }
         if !self.link_connected {
             if stale_ok {
                 let later = self.rng.random_range(10_000..1_000_000);
@@ -652,6 +738,7 @@ impl World {
                         to,
                         bytes,
                         stale_ok,
+                        lives,
                     },
                 );
             }
@@ -688,9 +775,11 @@ impl World {
             .rng
             .random_range(0..=self.opts.volume_blocks - u64::from(blocks));
         match self.rng.random_range(0..100) {
-            0..50 => self.client_write(site, lba, blocks).map(drop),
+            0..45 => self.client_write(site, lba, blocks).map(drop),
+            45..50 => self.client_write_fua(site, lba, blocks, true).map(drop),
             50..58 => self.client_trim(site, lba, blocks, false).map(drop),
             58..62 => self.client_trim(site, lba, blocks, true).map(drop),
+            62..66 => self.client_flush(site).map(drop),
             _ => self.client_read(site, lba, blocks).map(drop),
         }
     }
@@ -703,13 +792,31 @@ impl World {
     }
 
     pub fn client_write(&mut self, site: SiteId, lba: u64, blocks: u32) -> SimResult<ClientOpId> {
+        self.client_write_fua(site, lba, blocks, false)
+    }
+
+    /// NBD FLUSH at `site`.
+    pub fn client_flush(&mut self, site: SiteId) -> SimResult<ClientOpId> {
+        let id = self.new_op(site);
+        self.checker.start_flush(id);
+        self.step_site(site, Event::ClientFlush { id })?;
+        Ok(id)
+    }
+
+    pub fn client_write_fua(
+        &mut self,
+        site: SiteId,
+        lba: u64,
+        blocks: u32,
+        fua: bool,
+    ) -> SimResult<ClientOpId> {
         let id = self.new_op(site);
         let mut data = Vec::with_capacity(blocks as usize * BLOCK_SIZE as usize);
         for b in lba..lba + u64::from(blocks) {
             data.extend_from_slice(&block_pattern(id, b));
         }
         self.checker.start_write(id, lba, blocks, false);
-        self.step_site(site, Event::ClientWrite { id, lba, data })?;
+        self.step_site(site, Event::ClientWrite { id, lba, data, fua })?;
         Ok(id)
     }
 
@@ -751,9 +858,13 @@ impl World {
                 to,
                 bytes,
                 stale_ok,
-            } => self.deliver(to, bytes, stale_ok)?,
+                lives,
+            } => self.deliver(to, bytes, stale_ok, lives)?,
             Ev::Tick(site) => {
                 self.schedule(self.opts.tick_us, Ev::Tick(site));
+                if self.rng.random_ratio(1, 32) {
+                    self.flush_store(site);
+                }
                 self.step_site(site, Event::Tick)?;
             }
             Ev::ClientOp(site) => self.client_op(site)?,
@@ -838,8 +949,19 @@ impl World {
             if self.map.role[usize::from(site)] == Role::Loser {
                 continue;
             }
-            let store = &self.sites[usize::from(site)].store;
+            let s = &self.sites[usize::from(site)];
+            let store = &s.store;
             for lba in 0..self.opts.volume_blocks {
+                // A block a crash may have lost is no copy until settled from the peer, which
+                // holds it (a lossy crash needs a settled peer; see `crash`). Down, the
+                // persistent dirty map is what the restart will distrust.
+                let untrusted = match s.replica.as_ref() {
+                    Some(r) => r.is_untrusted(lba),
+                    None => crate::core::BlockStore::is_dirty(store, lba),
+                };
+                if untrusted {
+                    continue;
+                }
                 let need = self.checker.required_stamp(lba);
                 let have = crate::core::BlockStore::stamp(store, lba);
                 if have < need {
@@ -889,9 +1011,11 @@ pub fn run_seed(seed: u64, fault: Fault, trace: bool) -> SimResult<SimReport> {
 
 fn short_event(e: &Event) -> String {
     match e {
-        Event::ClientWrite { id, lba, data } => {
-            format!("write#{id} lba {lba} x{}", data.len() / BLOCK_SIZE as usize)
-        }
+        Event::ClientWrite { id, lba, data, fua } => format!(
+            "write#{id} lba {lba} x{}{}",
+            data.len() / BLOCK_SIZE as usize,
+            if *fua { " fua" } else { "" }
+        ),
         Event::FrameReceived(f) => short_frame(f),
         other => format!("{other:?}"),
     }
@@ -909,8 +1033,12 @@ fn short_action(a: &Action) -> String {
 fn short_frame(f: &Frame) -> String {
     let h = &f.header;
     format!(
-        "{:?} seq {} lba {} x{} epoch {} stamp {:?} ({}B)",
+        "{:?}{} seq {} lba {} x{} epoch {} stamp {:?} ({}B)",
         h.kind,
+        match h.flags {
+            0 => String::new(),
+            f => format!(" flags {f:#x}"),
+        },
         h.seq,
         h.lba,
         h.blocks,

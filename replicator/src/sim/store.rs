@@ -1,14 +1,33 @@
-//! [`MemStore`]: an in-memory [`BlockStore`] for the simulator. Every call is atomic and
-//! durable (a simulated crash happens between steps and keeps the store), matching the
-//! engine's crash-atomic data + stamp record.
+//! [`MemStore`]: an in-memory [`BlockStore`] for the simulator, durable the way the engine
+//! is: a write is visible at once but survives a crash only after a flush. A crash (between
+//! steps) may therefore lose any block written since the last flush, each independently —
+//! it comes back with its content and stamp as of that flush — and clears of dirty bits
+//! since the last flush are undone, as with the engine's region map (cleared only after a
+//! flush). Marks are durable at once. The HLC high-water mark and the loser-reset epoch live
+//! in a side file written with fsync, so they are durable at once too.
+//!
+//! The engine can also leave a block torn (new stamp record, old data: a checksum error).
+//! That is not modelled here: the core never sees an unreadable block, the driver does.
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use rand::rngs::SmallRng;
+use rand::Rng;
 use stretch_engine::{Stamp, BLOCK_SIZE};
 
 use crate::core::{BlockStore, Content};
 
 const BLOCK_BYTES: usize = BLOCK_SIZE as usize;
+
+/// What a crash takes away of the writes since the last flush.
+pub enum Loss<'a> {
+    /// Nothing: the crash happened to keep everything.
+    Nothing,
+    /// Each block independently, by the rng.
+    Random(&'a mut SmallRng),
+    /// Every block (a power loss right after the last flush).
+    All,
+}
 
 /// A block's content (`None`: zeroes, a TRIM/WRITE_ZEROES tombstone) and stamp.
 type Block = (Option<Box<[u8]>>, Stamp);
@@ -17,13 +36,21 @@ type Block = (Option<Box<[u8]>>, Stamp);
 #[derive(Clone, Debug, Default)]
 pub struct MemStore {
     blocks: u64,
-    /// Written blocks; `None` data is a tombstone (TRIM/WRITE_ZEROES) that reads as zeroes.
+    /// Written blocks as reads see them; `None` data is a tombstone (TRIM/WRITE_ZEROES) that
+    /// reads as zeroes.
     data: BTreeMap<u64, Block>,
+    /// `data` as of the last flush: what a crash falls back to.
+    durable: BTreeMap<u64, Block>,
     dirty: BTreeSet<u64>,
+    /// The dirty map on disk: marks at once, clears at the next flush.
+    durable_dirty: BTreeSet<u64>,
     hlc_high_water: u64,
     resync_reset_epoch: u32,
     /// Blocks written, for tests that count what resync touched.
     pub writes: u64,
+    pub flushes: u64,
+    /// Blocks a crash took back to their flushed version.
+    pub blocks_lost: u64,
 }
 
 impl MemStore {
@@ -40,6 +67,45 @@ impl MemStore {
             Some((data, stamp)) => (data.as_deref(), *stamp),
             None => (None, Stamp::ZERO),
         }
+    }
+
+    /// A crash of the site: blocks written since the last flush fall back to their flushed
+    /// version as `loss` says. Either way dirty-bit clears since the last flush are undone.
+    pub fn crash(&mut self, mut loss: Loss<'_>) {
+        if !matches!(loss, Loss::Nothing) {
+            let changed: BTreeSet<u64> = self
+                .data
+                .keys()
+                .chain(self.durable.keys())
+                .copied()
+                .filter(|lba| self.data.get(lba) != self.durable.get(lba))
+                .collect();
+            for lba in changed {
+                debug_assert!(
+                    self.durable_dirty.contains(&lba),
+                    "block {lba} changed since the last flush but is not in the activity log"
+                );
+                let lost = match &mut loss {
+                    Loss::Random(rng) => rng.random_bool(0.5),
+                    _ => true,
+                };
+                if lost {
+                    self.blocks_lost += 1;
+                    match self.durable.get(&lba) {
+                        Some(block) => self.data.insert(lba, block.clone()),
+                        None => self.data.remove(&lba),
+                    };
+                }
+            }
+        }
+        // Whatever survived is on disk now.
+        self.durable = self.data.clone();
+        self.dirty = self.durable_dirty.clone();
+    }
+
+    /// Whether a block was written since the last flush (a crash could lose it).
+    pub fn is_unflushed(&self, lba: u64) -> bool {
+        self.data.get(&lba) != self.durable.get(&lba)
     }
 
     /// The first dirty block, if any.
@@ -100,6 +166,13 @@ impl BlockStore for MemStore {
 
     fn mark_dirty(&mut self, lba: u64) {
         self.dirty.insert(lba);
+        self.durable_dirty.insert(lba);
+    }
+
+    fn flush(&mut self) {
+        self.flushes += 1;
+        self.durable = self.data.clone();
+        self.durable_dirty = self.dirty.clone();
     }
 
     fn clear_dirty(&mut self, lba: u64) {
