@@ -19,6 +19,7 @@
 //! A block's CRC is CRC32 (crc32fast, IEEE) over `volume uuid (16) || lba (u64 LE) || data`, so
 //! data written to the wrong place or the wrong volume fails verification.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock};
 
 use crate::io::lock;
@@ -229,25 +230,50 @@ impl Superblock {
 
 /// The in-memory copy of every record page (24 bytes per block), each page under its own mutex
 /// so a flush copies a consistent page while writers update other pages. Pages changed since
-/// the last flush are remembered (a set bounded by the number of pages).
+/// the last flush are remembered in a bitmap (one bit per page, fixed by the table's size), so
+/// recording a change is one atomic OR, with no lock and no allocation.
 pub struct Records {
-    pages: RwLock<Vec<Mutex<Box<[u8; PAGE_BYTES]>>>>,
-    dirty_pages: Mutex<std::collections::BTreeSet<u64>>,
+    table: RwLock<Table>,
+}
+
+struct Table {
+    pages: Vec<Mutex<Box<[u8; PAGE_BYTES]>>>,
+    /// Bit `page % 64` of word `page / 64`: changed since the last `take_dirty_pages`.
+    dirty: Vec<AtomicU64>,
+}
+
+impl Table {
+    fn mark(&self, page: u64) {
+        if page >= self.pages.len() as u64 {
+            return;
+        }
+        if let Some(word) = self.dirty.get((page / 64) as usize) {
+            // Release: a flush that takes the bit (AcqRel swap) sees the change before it; the
+            // page contents themselves are ordered by the page mutex.
+            word.fetch_or(1 << (page % 64), Ordering::Release);
+        }
+    }
 }
 
 impl Records {
     pub fn new(pages: Vec<Box<[u8; PAGE_BYTES]>>) -> Records {
+        let words = pages.len().div_ceil(64);
         Records {
-            pages: RwLock::new(pages.into_iter().map(Mutex::new).collect()),
-            dirty_pages: Mutex::new(Default::default()),
+            table: RwLock::new(Table {
+                pages: pages.into_iter().map(Mutex::new).collect(),
+                dirty: (0..words).map(|_| AtomicU64::new(0)).collect(),
+            }),
         }
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Table> {
+        self.table.read().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn get(&self, lba: u64) -> Record {
         let page = lba / RECORDS_PER_PAGE;
         let at = record_at((lba % RECORDS_PER_PAGE) as usize);
-        let pages = self.pages.read().unwrap_or_else(|p| p.into_inner());
-        match pages.get(page as usize) {
+        match self.read().pages.get(page as usize) {
             Some(page) => Record::decode(&lock(page)[at..at + RECORD_BYTES]),
             None => Record::default(),
         }
@@ -261,53 +287,63 @@ impl Records {
     pub fn set(&self, lba: u64, record: Record) {
         let page = lba / RECORDS_PER_PAGE;
         let at = record_at((lba % RECORDS_PER_PAGE) as usize);
-        {
-            let pages = self.pages.read().unwrap_or_else(|p| p.into_inner());
-            if let Some(page) = pages.get(page as usize) {
-                record.encode(&mut lock(page)[at..at + RECORD_BYTES]);
-            }
+        let table = self.read();
+        if let Some(slot) = table.pages.get(page as usize) {
+            record.encode(&mut lock(slot)[at..at + RECORD_BYTES]);
+            table.mark(page);
         }
-        lock(&self.dirty_pages).insert(page);
     }
 
     /// Marks a page as needing a write at the next flush.
     pub fn mark_page_dirty(&self, page: u64) {
-        lock(&self.dirty_pages).insert(page);
+        self.read().mark(page);
     }
 
-    /// Takes the set of pages changed since the last call.
+    /// Takes the pages changed since the last call, ascending.
     pub fn take_dirty_pages(&self) -> Vec<u64> {
-        std::mem::take(&mut *lock(&self.dirty_pages))
-            .into_iter()
-            .collect()
+        let table = self.read();
+        let mut pages = Vec::new();
+        for (i, word) in table.dirty.iter().enumerate() {
+            let mut bits = word.swap(0, Ordering::AcqRel);
+            while bits != 0 {
+                pages.push(i as u64 * 64 + u64::from(bits.trailing_zeros()));
+                bits &= bits - 1;
+            }
+        }
+        pages
     }
 
     /// Puts pages back (their write failed; the next flush retries them).
     pub fn restore_dirty_pages(&self, pages: &[u64]) {
-        lock(&self.dirty_pages).extend(pages.iter().copied());
+        let table = self.read();
+        for &page in pages {
+            table.mark(page);
+        }
     }
 
     /// A sealed copy of one page, ready to write.
     pub fn sealed_page(&self, page: u64) -> Option<crate::AlignedBuf> {
-        let pages = self.pages.read().unwrap_or_else(|p| p.into_inner());
-        let mut buf = crate::AlignedBuf::from_slice(&lock(pages.get(page as usize)?)[..]);
+        let table = self.read();
+        let mut buf = crate::AlignedBuf::from_slice(&lock(table.pages.get(page as usize)?)[..]);
         seal_page(&mut buf);
         Some(buf)
     }
 
     /// Extends the table to `page_count` pages of unwritten records.
     pub fn grow(&self, page_count: u64) {
-        let mut pages = self.pages.write().unwrap_or_else(|p| p.into_inner());
-        while (pages.len() as u64) < page_count {
-            pages.push(Mutex::new(Box::new([0u8; PAGE_BYTES])));
+        let mut table = self.table.write().unwrap_or_else(|p| p.into_inner());
+        while (table.pages.len() as u64) < page_count {
+            table.pages.push(Mutex::new(Box::new([0u8; PAGE_BYTES])));
         }
+        let words = table.pages.len().div_ceil(64);
+        table.dirty.resize_with(words, || AtomicU64::new(0));
     }
 
     /// The greatest stamp of any block.
     pub fn max_stamp(&self) -> Stamp {
-        let pages = self.pages.read().unwrap_or_else(|p| p.into_inner());
+        let table = self.read();
         let mut max = Stamp::ZERO;
-        for page in pages.iter() {
+        for page in table.pages.iter() {
             let page = lock(page);
             for i in 0..RECORDS_PER_PAGE as usize {
                 let at = record_at(i);
@@ -361,6 +397,12 @@ mod tests {
         assert_eq!(records.get(168), Record::default());
         assert_eq!(records.take_dirty_pages(), vec![1]);
         assert!(records.take_dirty_pages().is_empty());
+        records.restore_dirty_pages(&[1, 0]);
+        records.mark_page_dirty(7); // beyond the table: ignored
+        assert_eq!(records.take_dirty_pages(), vec![0, 1]);
+        records.grow(130);
+        records.set(129 * RECORDS_PER_PAGE, r);
+        assert_eq!(records.take_dirty_pages(), vec![129]);
         let mut page = records.sealed_page(1).expect("page exists");
         assert!(repair_page(&mut page).is_empty());
     }

@@ -21,7 +21,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::pin::Pin;
 use std::str::FromStr;
-use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::task::{Context, Poll, Waker};
 
 use crate::AlignedBuf;
@@ -395,11 +395,26 @@ pub(crate) struct RealFile {
     pub direct: bool,
 }
 
+/// Files one engine may open: a volume needs three (data, metadata, dirty map).
+pub(crate) const FILES_MAX: usize = 16;
+
 /// Files opened by a real engine; they stay open until the engine is dropped, so an fd handed
-/// to the kernel is never closed (or reused) while an operation on it is in flight.
-#[derive(Default)]
+/// to the kernel is never closed (or reused) while an operation on it is in flight. A fixed
+/// table of write-once slots: looking a file up on every operation is one atomic load, with no
+/// lock and no reference count.
 pub(crate) struct RealFiles {
-    files: RwLock<Vec<Arc<RealFile>>>,
+    files: [OnceLock<RealFile>; FILES_MAX],
+    /// Slots handed out so far (serialises `open`).
+    opened: Mutex<usize>,
+}
+
+impl Default for RealFiles {
+    fn default() -> RealFiles {
+        RealFiles {
+            files: std::array::from_fn(|_| OnceLock::new()),
+            opened: Mutex::new(0),
+        }
+    }
 }
 
 impl RealFiles {
@@ -432,18 +447,25 @@ impl RealFiles {
         } else {
             (open(false)?, false)
         };
-        let mut files = self.files.write().unwrap_or_else(|p| p.into_inner());
-        let id = u32::try_from(files.len())
-            .map_err(|_| io::Error::other("too many files open in one engine"))?;
-        files.push(Arc::new(RealFile { file, direct }));
+        let mut opened = lock(&self.opened);
+        let index = *opened;
+        let slot = self.files.get(index).ok_or_else(|| {
+            io::Error::other(format!(
+                "too many files open in one engine (at most {FILES_MAX})"
+            ))
+        })?;
+        if slot.set(RealFile { file, direct }).is_err() {
+            return Err(io::Error::other("file slot already taken"));
+        }
+        *opened += 1;
+        let id = u32::try_from(index).map_err(|_| io::Error::other("file id overflows"))?;
         Ok(FileId(id))
     }
 
-    pub fn get(&self, id: FileId) -> io::Result<Arc<RealFile>> {
-        let files = self.files.read().unwrap_or_else(|p| p.into_inner());
-        files
+    pub fn get(&self, id: FileId) -> io::Result<&RealFile> {
+        self.files
             .get(id.0 as usize)
-            .cloned()
+            .and_then(OnceLock::get)
             .ok_or_else(|| io::Error::other(format!("unknown file id {}", id.0)))
     }
 

@@ -89,14 +89,14 @@ fn execute(files: &RealFiles, op: IoOp) -> IoDone {
         } => {
             let result = files
                 .get(file)
-                .and_then(|f| pread_exact(&f, &mut buf, offset));
+                .and_then(|f| pread_exact(f, &mut buf, offset));
             IoDone {
                 result,
                 buf: Some(buf),
             }
         }
         IoOp::Write { file, offset, buf } => {
-            let result = files.get(file).and_then(|f| pwrite_all(&f, &buf, offset));
+            let result = files.get(file).and_then(|f| pwrite_all(f, &buf, offset));
             IoDone {
                 result,
                 buf: Some(buf),
@@ -109,7 +109,7 @@ fn execute(files: &RealFiles, op: IoOp) -> IoDone {
         IoOp::PunchHole { file, offset, len } => IoDone {
             result: files
                 .get(file)
-                .and_then(|f| punch_hole_blocking(&f, offset, len)),
+                .and_then(|f| punch_hole_blocking(f, offset, len)),
             buf: None,
         },
     }

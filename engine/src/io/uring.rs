@@ -38,6 +38,9 @@ use super::{
     lock, Completer, Completion, FileId, IoDone, IoEngine, IoOp, OpenMode, RealFiles, Reap,
 };
 
+/// A deferred batch is handed to the kernel once it holds this many times (in hundredths) the
+/// operations the kernel already has; see `submit_now`.
+const BATCH_PER_IN_KERNEL_PCT: usize = 800;
 /// user_data of the NOP that wakes the ring thread at shutdown; slots use their index.
 const WAKE_TAG: u64 = u64::MAX;
 /// Jobs waiting for a free slot. The volume's in-flight limit keeps the queue far below this;
@@ -64,8 +67,15 @@ struct State {
     stopping: bool,
     /// Set when the ring failed; every later submission fails at once.
     broken: bool,
-    /// SQEs are on the queue but not yet handed to the kernel (a deferred submission).
-    unsubmitted: bool,
+    /// SQEs on the queue not yet handed to the kernel (deferred submissions).
+    unsubmitted: usize,
+}
+
+impl State {
+    /// Operations the kernel holds now (on the queue but unsubmitted ones do not count).
+    fn in_kernel(&self) -> usize {
+        self.in_flight.saturating_sub(self.unsubmitted)
+    }
 }
 
 /// Who delivers completions while the runtime is idle.
@@ -239,7 +249,7 @@ impl Shared {
         cqes.clear();
         resubmit |= self.fill_slots(state, finished);
         if resubmit {
-            state.unsubmitted = false;
+            state.unsubmitted = 0;
             self.submit();
         }
     }
@@ -382,8 +392,8 @@ impl Reap for Shared {
         let mut finished = Vec::new();
         {
             let mut state = lock(&self.state);
-            if state.unsubmitted {
-                state.unsubmitted = false;
+            if state.unsubmitted > 0 {
+                state.unsubmitted = 0;
                 self.submit();
             }
             if !state.stopping {
@@ -473,7 +483,7 @@ impl UringEngine {
                 pending: VecDeque::new(),
                 stopping: false,
                 broken: false,
-                unsubmitted: false,
+                unsubmitted: 0,
             }),
             eventfd,
             demand: Mutex::new(Demand::default()),
@@ -523,7 +533,7 @@ impl IoEngine for UringEngine {
         let op = match op {
             IoOp::Write { file, offset, buf } => match self.shared.files.get(file) {
                 Ok(f) if !f.direct => {
-                    let result = super::pwrite_all(&f, &buf, offset);
+                    let result = super::pwrite_all(f, &buf, offset);
                     return Completion::ready(IoDone {
                         result,
                         buf: Some(buf),
@@ -535,7 +545,7 @@ impl IoEngine for UringEngine {
             // copy and needs no completion event at all; a miss (EAGAIN), a short read or an
             // error goes to the ring as usual, which reports it.
             IoOp::Read { file, offset, buf } => match self.shared.files.get(file) {
-                Ok(f) if !f.direct => match read_nowait(&f, buf, offset) {
+                Ok(f) if !f.direct => match read_nowait(f, buf, offset) {
                     Ok(buf) => {
                         return Completion::ready(IoDone {
                             result: Ok(()),
@@ -563,18 +573,17 @@ impl IoEngine for UringEngine {
             }
             state.pending.push_back((op, completer));
             if self.shared.fill_slots(&mut state, &mut failed) {
-                if state.in_flight > 1 {
-                    // The device is busy anyway: leave the SQE on the queue for one scheduler
-                    // turn (the future yields once, then flushes), so one `io_uring_enter`
-                    // carries the SQEs of every task that ran meanwhile — one syscall, one
-                    // block plug and one doorbell for the batch instead of one per request.
-                    state.unsubmitted = true;
-                    deferred = true;
-                } else {
-                    // Alone on the device: submit now, from the caller's thread (one syscall,
-                    // no thread hop), so queue depth 1 pays no extra latency.
-                    state.unsubmitted = false;
+                // The new SQE is on the queue. Hand it (and any deferred ones) to the kernel
+                // now if the device is short of work, otherwise leave it for one scheduler
+                // turn: the future yields once, then flushes, so one `io_uring_enter` carries
+                // the SQEs of every task that ran meanwhile (see `submit_now`).
+                let in_kernel = state.in_kernel().saturating_sub(1);
+                if submit_now(in_kernel, state.unsubmitted + 1) {
+                    state.unsubmitted = 0;
                     self.shared.submit();
+                } else {
+                    state.unsubmitted += 1;
+                    deferred = true;
                 }
             }
         }
@@ -659,6 +668,23 @@ fn op_file(op: &IoOp) -> io::Result<FileId> {
     })
 }
 
+/// Whether to enter the kernel now for `waiting` SQEs on the queue (the new one included) while
+/// the kernel holds `in_kernel` operations, or to defer them to the end of the scheduler turn.
+///
+/// Each `io_uring_enter` with I/O costs a syscall, a block-layer plug flush and a device
+/// doorbell (a VM exit on virtio), so batching saves CPU. But a deferred SQE waits for every
+/// other task that runs in the same turn — at queue depth 32, the CRC checks, record updates
+/// and task polls of a whole batch of completions (~100 µs) — and the device idles if its
+/// queue drains meanwhile. So: submit at once while the batch is small next to the work the
+/// device still has queued, and let it grow geometrically. An idle device (`in_kernel == 0`,
+/// e.g. queue depth 1) gets its request at once; after a burst of 32 completions the batches
+/// are 1, 9 and the last 22 at the end of the turn: three syscalls instead of 32, and the
+/// device starts on the burst after one request's processing instead of 32. The factor (8x)
+/// was the best of 1x–16x and of "only when idle" in side-by-side runs against fio at QD32.
+fn submit_now(in_kernel: usize, waiting: usize) -> bool {
+    waiting * 100 > in_kernel * BATCH_PER_IN_KERNEL_PCT
+}
+
 /// The ring thread: wait for completions, finish them, refill.
 fn reap_loop(shared: &Shared) {
     let mut cqes: Vec<(u64, i32)> = Vec::new();
@@ -730,7 +756,7 @@ fn complete_slot(
             IoOp::PunchHole { file, offset, len } if errno == libc::EOPNOTSUPP => shared
                 .files
                 .get(file)
-                .and_then(|f| super::write_zeroes_blocking(&f, offset, len)),
+                .and_then(|f| super::write_zeroes_blocking(f, offset, len)),
             _ => Err(io::Error::from_raw_os_error(errno)),
         }
     } else {
@@ -823,6 +849,27 @@ mod tests {
             *b = (i as u8).wrapping_mul(31) ^ seed;
         }
         buf
+    }
+
+    /// The batching rule of `submit_now`: an idle device gets a request at once, and a burst of
+    /// 32 resubmissions goes out in geometrically growing batches.
+    #[test]
+    fn deferred_batches_grow_with_the_work_in_the_kernel() {
+        assert!(
+            submit_now(0, 1),
+            "an idle device must get its request at once"
+        );
+        let (mut in_kernel, mut waiting, mut batches) = (0, 0, Vec::new());
+        for _ in 0..32 {
+            waiting += 1;
+            if submit_now(in_kernel, waiting) {
+                batches.push(waiting);
+                in_kernel += waiting;
+                waiting = 0;
+            }
+        }
+        batches.push(waiting);
+        assert_eq!(batches, [1, 9, 22]);
     }
 
     /// Page-cached files: writes go inline (pwrite), reads try RWF_NOWAIT, and a read past the
