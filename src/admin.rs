@@ -139,6 +139,7 @@ impl AdminState {
                 "rtt_us_smoothed": stats.rtt_us_smoothed,
                 "dirty_blocks": stats.dirty_blocks,
                 "untrusted_blocks": stats.untrusted_blocks,
+                "lag_bytes": stats.lag_bytes,
                 // Durability is single-copy whenever this site serves without its peer.
                 "single_copy": matches!(stats.role, Some(Role::Survivor)),
                 "failed": stats.failed,

@@ -132,8 +132,8 @@ fn leader(v: &Value) -> String {
 
 fn print_table(clients: &[AdminClient], answers: &[anyhow::Result<Value>]) {
     let mut rows = vec![[
-        "SITE", "ADMIN", "VOLUME", "ROLE", "EPOCH", "LINK", "RTT", "DIRTY", "RESYNC", "POLICY",
-        "SERVING", "LEASE", "LEADER",
+        "SITE", "ADMIN", "VOLUME", "ROLE", "EPOCH", "LINK", "RTT", "LAG", "DIRTY", "RESYNC",
+        "POLICY", "SERVING", "LEASE", "LEADER",
     ]
     .map(String::from)];
     let mut warnings = Vec::new();
@@ -146,6 +146,7 @@ fn print_table(clients: &[AdminClient], answers: &[anyhow::Result<Value>]) {
                     client.addr.clone(),
                     "-".into(),
                     "UNREACHABLE".into(),
+                    "-".into(),
                     "-".into(),
                     "-".into(),
                     "-".into(),
@@ -177,6 +178,11 @@ fn print_table(clients: &[AdminClient], answers: &[anyhow::Result<Value>]) {
             text(&repl["epoch"]),
             link.into(),
             rtt(&repl["rtt_us_smoothed"]),
+            match repl["lag_bytes"].as_u64() {
+                Some(b) if b >= 1 << 20 => format!("{:.1} MiB", b as f64 / f64::from(1u32 << 20)),
+                Some(b) => format!("{} KiB", b.div_ceil(1024)),
+                None => "-".into(),
+            },
             text(&repl["dirty_blocks"]),
             resync(status),
             // The control plane's view, when the site runs with a witness.

@@ -510,6 +510,9 @@ fn a_healed_partition_shows_in_status_and_logs_the_resync() {
         "{table}"
     );
 
+    // The site samples its dirty set every 500 ms; an outage it never sampled is not a resync
+    // worth a log line, so keep the link down past one sample.
+    std::thread::sleep(Duration::from_millis(1200));
     set_link(true);
     let deadline = Instant::now() + Duration::from_secs(60);
     let status = loop {

@@ -137,6 +137,8 @@ pub struct DriverStats {
     pub dirty_blocks: u64,
     /// The replica stopped after an engine error; every request now fails with EIO.
     pub failed: bool,
+    /// Replication lag: bytes of local writes sent to the peer and not yet acknowledged.
+    pub lag_bytes: u64,
     /// Blocks left unsettled since a crash (their content here is not trusted until the peer
     /// has sent its version): such a site must not become a survivor.
     pub untrusted_blocks: u64,
@@ -432,6 +434,7 @@ impl ReplicaThread {
         self.local.replica = replica.counters();
         self.local.dirty_blocks = self.store.dirty_count();
         self.local.untrusted_blocks = replica.untrusted_blocks() as u64;
+        self.local.lag_bytes = replica.inflight_bytes() as u64;
         if let Ok(mut stats) = self.stats.lock() {
             *stats = self.local;
         }
