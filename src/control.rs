@@ -205,7 +205,12 @@ pub(crate) struct ControlStatus {
     pub(crate) last_error: Option<String>,
 }
 
+/// What the control plane runs when this site learns it lost arbitration.
+type OnDetached = Box<dyn Fn() + Send + Sync>;
+
 struct Shared {
+    /// Closes the site's NBD connections (DESIGN §6 "The loser"); set once NBD listens.
+    on_detached: std::sync::OnceLock<OnDetached>,
     me: Site,
     cg: u64,
     volume_id: u64,
@@ -312,6 +317,7 @@ impl ControlPlane {
         info!(?initial_view, epoch = ?state.epoch, "joined the witness group");
         let arbiter = Arbiter::new(me, s.arbiter, incarnation, boottime_us());
         let shared = Arc::new(Shared {
+            on_detached: std::sync::OnceLock::new(),
             me,
             cg,
             volume_id,
@@ -329,6 +335,11 @@ impl ControlPlane {
             workload: s.workload,
             task: None,
         })
+    }
+
+    /// Runs `f` every time this site learns it lost arbitration (set once, after NBD listens).
+    pub(crate) fn on_detached(&self, f: impl Fn() + Send + Sync + 'static) {
+        let _ = self.shared.on_detached.set(Box::new(f));
     }
 
     /// The gate the replicated volume asks before serving.
@@ -635,8 +646,13 @@ impl ControlLoop {
             Action::Detached { cg } => {
                 warn!(
                     cg,
-                    "this site lost arbitration: failing its queued requests with EIO"
+                    "this site lost arbitration: failing its queued requests with EIO and closing its NBD connections"
                 );
+                // Clients reconnect elsewhere (or here, to EIO); none re-issues a request
+                // to this site on a connection that outlived the detach.
+                if let Some(close) = self.shared.on_detached.get() {
+                    close();
+                }
             }
             Action::LeaseLapsed { cg, policy } => {
                 warn!(

@@ -67,6 +67,13 @@ pub struct NbdListeners<D: BlockDevice> {
 }
 
 impl<D: BlockDevice> NbdListeners<D> {
+    /// Closes every open NBD connection and keeps listening (see
+    /// [`Server::close_connections`]); a handle that outlives `self`.
+    pub fn closer(&self) -> impl Fn() + Send + Sync + 'static {
+        let server = self.server.clone();
+        move || server.close_connections()
+    }
+
     /// Binds every configured TCP address and the Unix socket, and serves `exports` on each.
     pub async fn start(nbd: &NbdConfig, exports: Vec<Export<D>>) -> anyhow::Result<Self> {
         let server_config = ServerConfig {

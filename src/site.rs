@@ -310,6 +310,9 @@ pub(crate) async fn start(s: Settings) -> anyhow::Result<RunningSite> {
         admin.state.set_control(c.view());
     }
     let nbd = NbdListeners::start(&s.nbd, exports).await?;
+    if let Some(c) = &control {
+        c.on_detached(nbd.closer());
+    }
     let uris = nbd.endpoints.iter().map(|e| e.uri(&s.volume)).collect();
     Ok(RunningSite {
         nbd,

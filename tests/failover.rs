@@ -422,11 +422,29 @@ fn cut_and_heal(direction: Direction) {
             std::thread::spawn(move || writer(ub, WRITER_BLOCKS, 1 << 40, until)),
         )
     };
+    // A client connected to B before the cut: B must close it once it learns it lost.
+    let rt = runtime();
+    let old_b = rt
+        .block_on(Client::connect_tcp(addr_of(&ub), "vol"))
+        .expect("connect to B");
     std::thread::sleep(Duration::from_millis(1500));
     let cut = Instant::now();
     c.link.partition(direction);
     std::thread::sleep(Duration::from_millis(2500));
     let loser_read = probe_read(&ub);
+    // DESIGN.md §6 "The loser": once detached, B closes its NBD connections, so no client
+    // re-issues a request to it on a connection that outlived the detach.
+    let on_old = rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(5), old_b.read(0, BLOCK as u32)).await
+    });
+    match on_old {
+        Ok(Err(e)) => assert!(
+            e.errno().is_none(),
+            "B answered on a connection that outlived its detach ({e}) instead of closing it"
+        ),
+        Ok(Ok(_)) => panic!("B served a read on a connection that outlived its detach"),
+        Err(_) => panic!("B neither answered nor closed the old connection"),
+    }
     // `stretch status` tells the operator: A alone, single copy, B detached, a new epoch.
     let admin_a = format!(
         "http://{}",

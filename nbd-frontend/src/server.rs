@@ -66,13 +66,17 @@ pub struct Server<D: BlockDevice> {
     pub(crate) exports: Vec<Export<D>>,
     connection_slots: Arc<Semaphore>,
     shutdown_tx: watch::Sender<bool>,
+    /// Bumped by [`Server::close_connections`]: every connection open at that moment ends.
+    close_tx: watch::Sender<u64>,
 }
 
 impl<D: BlockDevice> Server<D> {
     /// A server offering `exports`; the empty export name selects the first one.
     pub fn new(config: ServerConfig, exports: Vec<Export<D>>) -> Arc<Self> {
         let (shutdown_tx, _) = watch::channel(false);
+        let (close_tx, _) = watch::channel(0);
         Arc::new(Server {
+            close_tx,
             connection_slots: Arc::new(Semaphore::new(
                 config.connections_max.min(Semaphore::MAX_PERMITS),
             )),
@@ -98,6 +102,20 @@ impl<D: BlockDevice> Server<D> {
     /// then closes every connection. `serve_*` return once their connections are closed.
     pub fn shutdown(&self) {
         self.shutdown_tx.send_replace(true);
+    }
+
+    /// Closes every open connection (after the replies of requests already running) but keeps
+    /// listening: a site that lost arbitration drops its clients so that none re-issues a
+    /// request to it (DESIGN.md §6 "The loser"), while a later client gets whatever the
+    /// device answers then (EIO until the site has rejoined).
+    pub fn close_connections(&self) {
+        self.close_tx.send_modify(|g| *g = g.wrapping_add(1));
+    }
+
+    pub(crate) fn close_signal(&self) -> watch::Receiver<u64> {
+        let mut rx = self.close_tx.subscribe();
+        rx.mark_unchanged();
+        rx
     }
 
     pub fn is_shutting_down(&self) -> bool {

@@ -93,6 +93,7 @@ where
     });
 
     let mut shutdown = server.shutdown_signal();
+    let mut close = server.close_signal();
     let mut close_at: Option<Instant> = None;
     let mut header = [0u8; REQUEST_HEADER_BYTES];
     let mut filled = 0usize;
@@ -111,6 +112,10 @@ where
                 close_at = Some(Instant::now() + config.shutdown_grace);
             }
             _ = sleep_until(close_at), if close_at.is_some() => break Ok(()),
+            // Server::close_connections: stop reading; requests already running still get
+            // their replies below.
+            // (An error means the server is gone: closing is right then too.)
+            _ = close.changed() => break Ok(()),
         }
         if filled < REQUEST_HEADER_BYTES {
             continue;
