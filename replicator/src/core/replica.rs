@@ -1436,16 +1436,7 @@ impl Replica {
                 let Some(ro) = self.resync_out.as_mut() else {
                     return;
                 };
-                for lba in body.chunks_exact(8) {
-                    let mut b = [0u8; 8];
-                    b.copy_from_slice(lba);
-                    let lba = u64::from_le_bytes(b);
-                    if lba < blocks {
-                        ro.to_send.insert(lba);
-                    } else {
-                        self.counters.frames_foreign += 1;
-                    }
-                }
+                queue_requested(ro, body, blocks, &mut self.counters);
                 self.pump_resync(now_us, store, out);
                 return;
             }
@@ -1466,16 +1457,7 @@ impl Replica {
         let Some(ro) = self.resync_out.as_mut() else {
             return;
         };
-        for lba in body.chunks_exact(8) {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(lba);
-            let lba = u64::from_le_bytes(b);
-            if lba < blocks {
-                ro.to_send.insert(lba);
-            } else {
-                self.counters.frames_foreign += 1;
-            }
-        }
+        queue_requested(ro, body, blocks, &mut self.counters);
         match ro.request_chunks.as_mut() {
             Some((id, _)) if *id > h.seq => {}
             Some((id, seen)) if *id == h.seq => {
@@ -1631,6 +1613,21 @@ impl Replica {
                 epoch, "resync complete; ready to rejoin"
             );
             out.push(Action::ResyncComplete { epoch });
+        }
+    }
+}
+
+/// Queues every LBA of a ResyncRequest body (little-endian u64s) that lies in the volume;
+/// one out of range is counted as foreign, never sent.
+fn queue_requested(ro: &mut ResyncOut, body: &[u8], blocks: u64, counters: &mut Counters) {
+    for raw in body.chunks_exact(8) {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(raw);
+        let lba = u64::from_le_bytes(b);
+        if lba < blocks {
+            ro.to_send.insert(lba);
+        } else {
+            counters.frames_foreign += 1;
         }
     }
 }
