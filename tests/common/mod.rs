@@ -76,6 +76,8 @@ impl Site {
     pub fn stretch_site_logged(data_dir: &Path, args: &[&str], stderr: Stdio) -> Site {
         let mut cmd = Command::new(stretch_bin());
         cmd.arg("site").arg("--data-dir").arg(data_dir).args(args);
+        // Whoever reads this log looks for info lines, whatever RUST_LOG the tests run under.
+        cmd.env("RUST_LOG", "info,openraft=warn");
         cmd.stderr(stderr);
         Site::spawn(cmd, data_dir, "stretch site")
     }
