@@ -296,15 +296,29 @@ impl ReplicaThread {
                 };
                 replica.step(self.clock.now_us(), event, &mut self.store, &mut step_out);
                 for action in step_out.drain(..) {
-                    // Heartbeats claim nothing about data: they go at once, so the rest of the
-                    // batch does not inflate the RTT sample (time queued behind other inputs
-                    // of this thread still does).
-                    let heartbeat = matches!(
+                    // Two kinds of frame go at once rather than after the batch:
+                    // - heartbeats claim nothing about data, so the rest of the batch does not
+                    //   inflate the RTT sample (time queued behind other inputs of this thread
+                    //   still does);
+                    // - this site's own mutations: the peer applies them while this site's
+                    //   gathered engine writes are submitted below, so the local write hides
+                    //   inside the round trip. Safe because the peer's ack is handled only in
+                    //   a later batch, after the submit, and the blocks are dirty here
+                    //   meanwhile (reads of them wait). Acks of received writes still wait for
+                    //   the submit: they say "applied here".
+                    let now = matches!(
                         &action,
                         Action::SendFrame(f)
-                            if matches!(f.header.kind, Kind::Heartbeat | Kind::HeartbeatEcho)
+                            if matches!(
+                                f.header.kind,
+                                Kind::Heartbeat
+                                    | Kind::HeartbeatEcho
+                                    | Kind::Write
+                                    | Kind::Trim
+                                    | Kind::WriteZeroes
+                            )
                     );
-                    if heartbeat {
+                    if now {
                         self.dispatch(action, self.link_up, &BTreeSet::new());
                     } else {
                         actions.push((action, self.link_up));
