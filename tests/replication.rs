@@ -13,10 +13,6 @@ use common::{have_tool, Site};
 use stretch_bench::link::LinkEmulator;
 
 const CLUSTER_ID: &str = "7";
-const SIZE: &str = "16MiB";
-/// Sites fail a request replication cannot finish by then (EIO) instead of waiting 60 s, so
-/// a broken build fails these tests quickly rather than hanging them.
-const REQUEST_TIMEOUT_MS: &str = "20000";
 /// Every client command below must finish within this.
 const CLIENT_LIMIT: Duration = Duration::from_secs(90);
 
@@ -73,57 +69,13 @@ fn qemu_io(uri: &str, cmds: &[&str]) -> String {
     out
 }
 
-/// Site A listens for the link; site B dials it through `link` (the emulator). A is
-/// configured by a TOML file (the `[replication]` section), B by flags.
+/// Site A listens for the link; site B dials it through `link` (the emulator).
 fn site_a(dir: &Path) -> Site {
-    let config = dir.join("site.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-data_dir = "{}"
-[nbd]
-listen = ["127.0.0.1:0"]
-[engine]
-direct_io = false
-[[volume]]
-name = "vol"
-size = "{SIZE}"
-[replication]
-site = "a"
-cluster_id = {CLUSTER_ID}
-listen = "127.0.0.1:0"
-request_timeout_ms = {REQUEST_TIMEOUT_MS}
-"#,
-            dir.display()
-        ),
-    )
-    .unwrap();
-    Site::stretch_site(dir, &["--config", config.to_str().unwrap()])
+    common::pair_site_a(dir, CLUSTER_ID, None)
 }
 
 fn site_b(dir: &Path, link: &LinkEmulator) -> Site {
-    let peer = link.listen_addr().to_string();
-    Site::stretch_site(
-        dir,
-        &[
-            "--site",
-            "b",
-            "--cluster-id",
-            CLUSTER_ID,
-            "--peer",
-            &peer,
-            "--volume",
-            "vol",
-            "--size",
-            SIZE,
-            "--listen",
-            "127.0.0.2:0",
-            "--buffered-io",
-            "--request-timeout-ms",
-            REQUEST_TIMEOUT_MS,
-        ],
-    )
+    common::pair_site_b(dir, CLUSTER_ID, &link.listen_addr().to_string())
 }
 
 struct Cluster {

@@ -17,75 +17,24 @@ use serde_json::Value;
 use stretch_bench::link::LinkEmulator;
 
 const CLUSTER_ID: &str = "11";
-const SIZE: &str = "16MiB";
+/// Blocks of the volume (common::PAIR_SIZE).
 const BLOCKS: u64 = 4096;
-const REQUEST_TIMEOUT_MS: &str = "20000";
 /// Every `stretch verify` / `stretch status` run must finish within this.
 const COMMAND_LIMIT: Duration = Duration::from_secs(120);
 
 /// Site A: configured by file, including `[replication] admin`.
 fn site_a(dir: &Path) -> Site {
-    site_a_logged(dir, Stdio::inherit())
+    common::pair_site_a(dir, CLUSTER_ID, None)
 }
 
 /// Site A with its log (stderr) going to `stderr`.
 fn site_a_logged(dir: &Path, stderr: Stdio) -> Site {
-    let config = dir.join("site.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-data_dir = "{}"
-[nbd]
-listen = ["127.0.0.1:0"]
-[engine]
-direct_io = false
-[[volume]]
-name = "vol"
-size = "{SIZE}"
-[replication]
-site = "a"
-cluster_id = {CLUSTER_ID}
-listen = "127.0.0.1:0"
-request_timeout_ms = {REQUEST_TIMEOUT_MS}
-admin = "127.0.0.1:0"
-"#,
-            dir.display()
-        ),
-    )
-    .expect("write site a's config");
-    Site::stretch_site_logged(
-        dir,
-        &["--config", config.to_str().expect("utf-8 path")],
-        stderr,
-    )
+    common::pair_site_a(dir, CLUSTER_ID, Some(stderr))
 }
 
 /// Site B: configured by flags, including `--admin`.
 fn site_b(dir: &Path, link: &LinkEmulator) -> Site {
-    let peer = link.listen_addr().to_string();
-    Site::stretch_site(
-        dir,
-        &[
-            "--site",
-            "b",
-            "--cluster-id",
-            CLUSTER_ID,
-            "--peer",
-            &peer,
-            "--volume",
-            "vol",
-            "--size",
-            SIZE,
-            "--listen",
-            "127.0.0.2:0",
-            "--admin",
-            "127.0.0.2:0",
-            "--buffered-io",
-            "--request-timeout-ms",
-            REQUEST_TIMEOUT_MS,
-        ],
-    )
+    common::pair_site_b(dir, CLUSTER_ID, &link.listen_addr().to_string())
 }
 
 struct Cluster {

@@ -216,3 +216,71 @@ pub fn qemu_io(uri: &str, cmds: &[&str]) -> String {
     assert!(!out.contains("failed"), "qemu-io reported a failure: {out}");
     out
 }
+
+/// The volume every two-site test serves: its name is `vol`.
+pub const PAIR_SIZE: &str = "16MiB";
+/// Sites fail a request replication cannot finish by then (EIO) instead of waiting 60 s, so a
+/// broken build fails the two-site tests quickly rather than hanging them.
+pub const PAIR_REQUEST_TIMEOUT_MS: &str = "20000";
+
+/// Site A of a two-site test: it listens for the replication link and is configured by a TOML
+/// file (the `[replication]` section, admin API included), so the file path is exercised too.
+/// With `log`, its stderr goes there (at info level); otherwise it is inherited.
+pub fn pair_site_a(dir: &Path, cluster_id: &str, log: Option<Stdio>) -> Site {
+    let config = dir.join("site.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+data_dir = "{}"
+[nbd]
+listen = ["127.0.0.1:0"]
+[engine]
+direct_io = false
+[[volume]]
+name = "vol"
+size = "{PAIR_SIZE}"
+[replication]
+site = "a"
+cluster_id = {cluster_id}
+listen = "127.0.0.1:0"
+request_timeout_ms = {PAIR_REQUEST_TIMEOUT_MS}
+admin = "127.0.0.1:0"
+"#,
+            dir.display()
+        ),
+    )
+    .expect("write site a's config");
+    let args = ["--config", config.to_str().expect("utf-8 path")];
+    match log {
+        Some(stderr) => Site::stretch_site_logged(dir, &args, stderr),
+        None => Site::stretch_site(dir, &args),
+    }
+}
+
+/// Site B of a two-site test: it dials `peer` (the link emulator in front of site A) and is
+/// configured by flags only.
+pub fn pair_site_b(dir: &Path, cluster_id: &str, peer: &str) -> Site {
+    Site::stretch_site(
+        dir,
+        &[
+            "--site",
+            "b",
+            "--cluster-id",
+            cluster_id,
+            "--peer",
+            peer,
+            "--volume",
+            "vol",
+            "--size",
+            PAIR_SIZE,
+            "--listen",
+            "127.0.0.2:0",
+            "--admin",
+            "127.0.0.2:0",
+            "--buffered-io",
+            "--request-timeout-ms",
+            PAIR_REQUEST_TIMEOUT_MS,
+        ],
+    )
+}
