@@ -302,12 +302,13 @@ impl ReplicatedVolume {
         }
     }
 
+    /// Hands one request to the replica thread and waits for its answer. The caller has
+    /// passed the gate ([`Self::admit`]).
     async fn call(
         &self,
         permits: &Semaphore,
         make: impl FnOnce(ClientOpId) -> Event,
     ) -> Result<Reply, BlockError> {
-        self.admit().await?;
         let _permit = permits.acquire().await.map_err(|_| BlockError::Shutdown)?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
@@ -329,6 +330,7 @@ impl ReplicatedVolume {
     }
 
     async fn mutation(&self, make: impl FnOnce(ClientOpId) -> Event) -> Result<(), BlockError> {
+        self.admit().await?;
         match self.call(&self.mutation_permits, make).await? {
             Reply::Done => Ok(()),
             Reply::Data(_) => Err(BlockError::Io(std::io::Error::other(
