@@ -359,6 +359,7 @@ impl ControlPlane {
             device,
             replica_epoch: self.initial_view.epoch,
             map_index: 0,
+            policy: String::new(),
             read_index_busy: Arc::new(AtomicUsize::new(0)),
             proposals_busy: Arc::new(AtomicUsize::new(0)),
             last_start_resync_us: 0,
@@ -447,10 +448,8 @@ impl crate::admin::ControlView for ControlHandle {
     }
 
     fn status_json(&self) -> Option<serde_json::Value> {
-        let mut status = self.shared.status.lock().ok()?.clone();
-        let (leader, term) = self.node.leader();
-        status.raft_leader = leader;
-        status.raft_term = term;
+        // The control loop refreshes it every tick (5 ms), leader and term included.
+        let status = self.shared.status.lock().ok()?.clone();
         serde_json::to_value(status).ok()
     }
 
@@ -476,6 +475,8 @@ struct ControlLoop {
     /// The epoch the replica was last told about.
     replica_epoch: u32,
     map_index: u64,
+    /// The volume's ack policy in the last map seen.
+    policy: String,
     read_index_busy: Arc<AtomicUsize>,
     proposals_busy: Arc<AtomicUsize>,
     last_start_resync_us: u64,
@@ -525,9 +526,15 @@ impl ControlLoop {
             }
             let now = boottime_us();
             actions.extend(self.shared.arbiter().tick(now));
-            let (index, map) = self.node.local_indexed_map();
-            if index > self.map_index {
+            // The map is copied only when the log moved (this runs every 5 ms).
+            if self.node.local_applied_index() > self.map_index {
+                let (index, map) = self.node.local_indexed_map();
                 self.map_index = index;
+                self.policy = map
+                    .volumes
+                    .get(&self.shared.volume_id)
+                    .map(|v| format!("{:?}", v.policy).to_lowercase())
+                    .unwrap_or_default();
                 actions.extend(self.shared.arbiter().on_map(index, &map, now));
             }
             for action in actions {
@@ -538,7 +545,7 @@ impl ControlLoop {
             }
             self.drive_resync(now);
             self.follow_workload(now);
-            self.publish(&map, now);
+            self.publish(now);
         }
     }
 
@@ -785,7 +792,7 @@ impl ControlLoop {
         }
     }
 
-    fn publish(&self, map: &ClusterMap, now: u64) {
+    fn publish(&self, now: u64) {
         let (leader, term) = self.node.leader();
         let arb = self.shared.arbiter();
         let serving = match arb.serve(self.shared.cg, now) {
@@ -798,16 +805,11 @@ impl ControlLoop {
         let lease_left_ms = left_ms(arb.lease_expiry_us(self.shared.cg));
         let alone_in_ms = left_ms(arb.alone_ok_at_us(self.shared.cg));
         drop(arb);
-        let policy = map
-            .volumes
-            .get(&self.shared.volume_id)
-            .map(|v| format!("{:?}", v.policy).to_lowercase())
-            .unwrap_or_default();
         if let Ok(mut s) = self.shared.status.lock() {
             s.raft_leader = leader;
             s.raft_term = term;
             s.serving = serving.into();
-            s.policy = policy;
+            s.policy = self.policy.clone();
             s.lease_left_ms = lease_left_ms;
             s.alone_in_ms = alone_in_ms;
             if let Some(v) = view {

@@ -125,6 +125,11 @@ impl WitnessNode {
         self.sm.map()
     }
 
+    /// The log index this node has applied up to (no copy of the map).
+    pub fn local_applied_index(&self) -> u64 {
+        self.sm.applied_index()
+    }
+
     /// The applied map with the log index it reflects.
     pub fn local_indexed_map(&self) -> (u64, ClusterMap) {
         self.sm.indexed_map()

@@ -89,6 +89,12 @@ impl MapStateMachine {
         self.lock().data.last_applied
     }
 
+    /// The log index of the last applied entry (0 before anything was applied): a cheap test
+    /// of whether the map may have changed.
+    pub fn applied_index(&self) -> u64 {
+        self.lock().data.last_applied.map(|l| l.index).unwrap_or(0)
+    }
+
     /// The applied map with the log index it reflects (0 before anything was applied), read
     /// under one lock so the two agree.
     pub fn indexed_map(&self) -> (u64, ClusterMap) {
