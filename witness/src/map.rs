@@ -356,14 +356,10 @@ impl ClusterMap {
                 site,
                 expected_epoch,
             } => {
-                let Some(state) = self.cgs.get_mut(&cg) else {
-                    return rejected(Reject::NoSuchCg);
+                let state = match self.cg_at_epoch(cg, expected_epoch) {
+                    Ok(state) => state,
+                    Err(rejection) => return rejection,
                 };
-                if state.epoch != expected_epoch {
-                    return rejected(Reject::EpochMismatch {
-                        current: state.epoch,
-                    });
-                }
                 if state.state(site) != SiteState::Detached {
                     return rejected(Reject::NotDetached);
                 }
@@ -376,14 +372,10 @@ impl ClusterMap {
                 applied(state.epoch)
             }
             Command::Rejoin { cg, expected_epoch } => {
-                let Some(state) = self.cgs.get_mut(&cg) else {
-                    return rejected(Reject::NoSuchCg);
+                let state = match self.cg_at_epoch(cg, expected_epoch) {
+                    Ok(state) => state,
+                    Err(rejection) => return rejection,
                 };
-                if state.epoch != expected_epoch {
-                    return rejected(Reject::EpochMismatch {
-                        current: state.epoch,
-                    });
-                }
                 let resyncing = Site::BOTH
                     .into_iter()
                     .find(|s| state.state(*s) == SiteState::Resyncing);
@@ -421,14 +413,10 @@ impl ClusterMap {
                 site,
                 expected_epoch,
             } => {
-                let Some(state) = self.cgs.get_mut(&cg) else {
-                    return rejected(Reject::NoSuchCg);
+                let state = match self.cg_at_epoch(cg, expected_epoch) {
+                    Ok(state) => state,
+                    Err(rejection) => return rejection,
                 };
-                if state.epoch != expected_epoch {
-                    return rejected(Reject::EpochMismatch {
-                        current: state.epoch,
-                    });
-                }
                 if state.state(site) != SiteState::InSync {
                     return rejected(Reject::NotInSync);
                 }
@@ -497,15 +485,23 @@ impl ClusterMap {
     }
 
     /// The detach compare-and-set (DESIGN §6).
-    fn detach(&mut self, cg: CgId, survivor: Site, expected_epoch: Epoch) -> Outcome {
-        let Some(state) = self.cgs.get_mut(&cg) else {
-            return rejected(Reject::NoSuchCg);
-        };
+    /// The CG a compare-and-set command names, if it exists and is still at `expected_epoch`;
+    /// else the rejection to return.
+    fn cg_at_epoch(&mut self, cg: CgId, expected_epoch: Epoch) -> Result<&mut CgState, Outcome> {
+        let state = self.cgs.get_mut(&cg).ok_or(rejected(Reject::NoSuchCg))?;
         if state.epoch != expected_epoch {
-            return rejected(Reject::EpochMismatch {
+            return Err(rejected(Reject::EpochMismatch {
                 current: state.epoch,
-            });
+            }));
         }
+        Ok(state)
+    }
+
+    fn detach(&mut self, cg: CgId, survivor: Site, expected_epoch: Epoch) -> Outcome {
+        let state = match self.cg_at_epoch(cg, expected_epoch) {
+            Ok(state) => state,
+            Err(rejection) => return rejection,
+        };
         // A detached or resyncing site never wins: it may miss acknowledged writes.
         if state.state(survivor) != SiteState::InSync {
             return rejected(Reject::SurvivorNotInSync);
