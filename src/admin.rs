@@ -23,7 +23,7 @@ use std::sync::{Arc, OnceLock};
 use serde_json::{json, Value};
 use stretch_bench::http::{handler, HttpServer, Request, Response};
 use stretch_engine::{BlockDevice, BlockError, Stamp, Volume, BLOCK_SIZE};
-use stretch_replicator::core::Role;
+use stretch_replicator::core::{AckPolicy, Mode, Role};
 use stretch_replicator::driver::DriverStats;
 use stretch_replicator::link::LinkStats;
 use stretch_replicator::ReplicatedVolume;
@@ -54,6 +54,22 @@ pub(crate) trait ControlView: Send + Sync {
         Box::pin(async {
             Err("this site runs without a witness (no --raft-listen): there is no cluster map to detach in".to_string())
         })
+    }
+    /// Whether a cluster map holds the volume's policy (a witness group): a policy change
+    /// is then committed there and reaches both sites; without one each site is told alone.
+    fn has_map(&self) -> bool {
+        false
+    }
+    /// `stretch volume policy` / `handoff` with a witness: commits the volume's ack policy
+    /// and/or the async writer in the cluster map.
+    fn set_policy(
+        &self,
+        ack: Option<AckPolicy>,
+        active_site: Option<u8>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<String, String>> + Send + '_>>
+    {
+        let _ = (ack, active_site);
+        Box::pin(async { Err("this site runs without a witness".to_string()) })
     }
 }
 
@@ -140,6 +156,17 @@ impl AdminState {
                 "dirty_blocks": stats.dirty_blocks,
                 "untrusted_blocks": stats.untrusted_blocks,
                 "lag_bytes": stats.lag_bytes,
+                "lag_us": stats.lag_us,
+                "policy": stats.policy.ack.name(),
+                "active_site": if stats.policy.active_site == 0 { "a" } else { "b" },
+                // null while this site waits to hear the mode from the leading site.
+                "mode": stats.mode.map(Mode::name),
+                "async_writer": match stats.mode {
+                    Some(Mode::Async { active }) => Some(if active == 0 { "a" } else { "b" }),
+                    _ => None,
+                },
+                "mode_switches": stats.replica.mode_switches,
+                "requests_refused_passive": stats.replica.requests_refused_passive,
                 // Durability is single-copy whenever this site serves without its peer.
                 "single_copy": matches!(stats.role, Some(Role::Survivor)),
                 "failed": stats.failed,
@@ -388,13 +415,71 @@ async fn detach(state: &AdminState, req: &Request) -> Result<Response, Response>
     }
 }
 
+/// `POST /v1/policy {"policy": "sync"|"sync-received"|"async"|"adaptive", "active_site":
+/// "a"|"b"}` (either key may be left out): the volume's ack policy and async writer (DESIGN
+/// §5). With a witness it is committed in the cluster map and reaches both sites; without
+/// one, only this site is told (the operator tells both).
+async fn set_policy(state: &AdminState, req: &Request) -> Result<Response, Response> {
+    let body: Value = serde_json::from_slice(&req.body)
+        .map_err(|e| Response::error(400, format!("body is not JSON: {e}")))?;
+    let ack = match body.get("policy") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(v.as_str().and_then(AckPolicy::parse).ok_or_else(|| {
+            Response::error(
+                400,
+                "policy must be one of sync, sync-received, async, adaptive",
+            )
+        })?),
+    };
+    let active_site = match body.get("active_site") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(match v.as_str() {
+            Some("a") => 0u8,
+            Some("b") => 1u8,
+            _ => return Err(Response::error(400, "active_site must be \"a\" or \"b\"")),
+        }),
+    };
+    if ack.is_none() && active_site.is_none() {
+        return Err(Response::error(
+            400,
+            "give \"policy\" and/or \"active_site\"",
+        ));
+    }
+    let control = state.control();
+    let outcome = if control.has_map() {
+        control
+            .set_policy(ack, active_site)
+            .await
+            .map_err(|m| Response::error(409, m))?
+    } else {
+        let mut policy = state.device.driver_stats().policy;
+        if let Some(ack) = ack {
+            policy.ack = ack;
+        }
+        if let Some(site) = active_site {
+            policy.active_site = site;
+        }
+        state
+            .device
+            .control(stretch_replicator::core::Event::SetPolicy(policy))
+            .await
+            .map_err(|e| Response::error(503, format!("the replica did not take it: {e}")))?;
+        "set at this site only (no witness): set the other site too".to_string()
+    };
+    Ok(Response::json(
+        200,
+        json!({"api_version": API_VERSION, "outcome": outcome}),
+    ))
+}
+
 async fn route(state: Arc<AdminState>, req: Request) -> Response {
     let path = req.path().trim_end_matches('/');
     let result = match (req.method.as_str(), path) {
         ("GET", "/v1/status") => Ok(Response::json(200, state.status_json())),
         ("GET", "/v1/blocks") => blocks(&state, &req).await,
         ("POST", "/v1/detach") => detach(&state, &req).await,
-        (_, "/v1/status" | "/v1/blocks" | "/v1/detach") => Err(Response::error(
+        ("POST", "/v1/policy") => set_policy(&state, &req).await,
+        (_, "/v1/status" | "/v1/blocks" | "/v1/detach" | "/v1/policy") => Err(Response::error(
             405,
             format!("{} is not allowed on {path}", req.method),
         )),

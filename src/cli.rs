@@ -115,6 +115,24 @@ pub struct SiteArgs {
     /// map when the volume's record is created.
     #[arg(long)]
     pub preferred: Option<String>,
+    /// Ack policy (DESIGN.md §5): sync, sync-received, async or adaptive. With a witness it
+    /// is written into the map when the volume's record is created (change it live with
+    /// `stretch volume policy`).
+    #[arg(long)]
+    pub policy: Option<String>,
+    /// The one writer under async, and the site that leads mode switches (a or b).
+    #[arg(long)]
+    pub active_site: Option<String>,
+    /// async: bytes of writes not yet durable at the peer beyond which new writes wait.
+    #[arg(long)]
+    pub lag_bytes_max: Option<u64>,
+    /// async: age of the oldest write not yet durable at the peer beyond which new writes
+    /// wait.
+    #[arg(long)]
+    pub lag_ms_max: Option<u64>,
+    /// adaptive: the smoothed RTT above which the mode may become async.
+    #[arg(long)]
+    pub sync_rtt_max_ms: Option<f64>,
 }
 
 #[derive(Debug, Args)]
@@ -167,10 +185,20 @@ pub struct UpArgs {
     /// I/O engine: auto, uring or psync.
     #[arg(long, default_value = "auto")]
     pub io_engine: String,
+    /// The volume's ack policy: sync, sync-received, async or adaptive (DESIGN.md §5);
+    /// change it live with `stretch volume policy`.
+    #[arg(long, default_value = "sync")]
+    pub policy: String,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum VolumeCommand {
+    /// Change a stretched volume's ack policy live: sync, sync-received, async or adaptive
+    /// (through a site's admin API; see docs/operations.md).
+    Policy(crate::policy::PolicyArgs),
+    /// Move the async writer to site a or b: the old writer drains its lag until the new one
+    /// is durable, then hands over (planned VM migration).
+    Handoff(crate::policy::HandoffArgs),
     /// Create a volume (sparse; its size a multiple of 4096 bytes).
     Create {
         name: String,

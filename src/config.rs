@@ -28,6 +28,11 @@
 //! # peer = "10.0.0.2:10900"   # ...this site dials it
 //! request_timeout_ms = 60000
 //! admin = "127.0.0.1:10920"   # the site admin API (`stretch status`, `stretch verify`)
+//! policy = "sync"             # sync | sync-received | async | adaptive (DESIGN.md §5)
+//! active_site = "a"           # the async writer; leads mode switches
+//! lag_bytes_max = 67108864    # async: writes wait beyond this lag (bytes)...
+//! lag_ms_max = 2000           # ...or beyond this age of the oldest unreplicated write
+//! sync_rtt_max_ms = 5.0       # adaptive: async above this smoothed RTT
 //!
 //! [control]                   # `stretch site` with a witness (DESIGN.md §6)
 //! raft_listen = "0.0.0.0:10910"  # this site's voter; `stretch witness --bootstrap` names it
@@ -99,6 +104,23 @@ pub struct ReplicationConfig {
     /// chosen at start and printed as `admin http://ADDR`).
     #[serde(default)]
     pub admin: Option<SocketAddr>,
+    /// Ack policy: sync (default), sync-received, async or adaptive (DESIGN.md §5).
+    #[serde(default)]
+    pub policy: Option<String>,
+    /// The one writer under async, and the site that leads mode switches: "a" (default)
+    /// or "b".
+    #[serde(default)]
+    pub active_site: Option<String>,
+    /// async: bytes not yet durable at the peer beyond which writes wait (default 64 MiB).
+    #[serde(default)]
+    pub lag_bytes_max: Option<u64>,
+    /// async: age of the oldest write not yet durable at the peer beyond which writes wait
+    /// (default 2000 ms).
+    #[serde(default)]
+    pub lag_ms_max: Option<u64>,
+    /// adaptive: smoothed RTT above which the mode may become async (default 5 ms).
+    #[serde(default)]
+    pub sync_rtt_max_ms: Option<f64>,
 }
 
 fn default_request_timeout_ms() -> u64 {

@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use stretch_replicator::core::{Event, MapView, Role};
+use stretch_replicator::core::{AckPolicy as ReplAck, Event, MapView, Policy as ReplPolicy, Role};
 use stretch_replicator::{GateAnswer, ReplicatedVolume, ServeGate};
 use stretch_witness::arbiter::{
     Action, Arbiter, ArbiterConfig, Echo, Heartbeat, LapsePolicy, Serve,
@@ -71,6 +71,33 @@ pub(crate) struct ControlSettings {
     pub(crate) preference: Site,
     /// How the preference follows the workload.
     pub(crate) workload: PreferenceConfig,
+    /// The ack policy written into the map when this site creates the volume's record, and
+    /// the local bounds (lag, RTT limit) that go with whatever policy the map holds.
+    pub(crate) policy: ReplPolicy,
+}
+
+fn to_map_policy(ack: ReplAck) -> AckPolicy {
+    match ack {
+        ReplAck::Sync => AckPolicy::Sync,
+        ReplAck::SyncReceived => AckPolicy::SyncReceived,
+        ReplAck::Async => AckPolicy::Async,
+        ReplAck::Adaptive => AckPolicy::Adaptive,
+    }
+}
+
+/// The replica's policy from the committed map: its ack policy and async writer, with this
+/// site's local bounds.
+fn policy_from_map(ack: AckPolicy, active: Site, local: &ReplPolicy) -> ReplPolicy {
+    ReplPolicy {
+        ack: match ack {
+            AckPolicy::Sync => ReplAck::Sync,
+            AckPolicy::SyncReceived => ReplAck::SyncReceived,
+            AckPolicy::Async => ReplAck::Async,
+            AckPolicy::Adaptive => ReplAck::Adaptive,
+        },
+        active_site: site_idx(active),
+        ..*local
+    }
 }
 
 /// Timers tuned for a failover within 2 s (DESIGN §6: detection + preference delay +
@@ -244,6 +271,8 @@ pub(crate) struct ControlPlane {
     shared: Arc<Shared>,
     /// The map view the replica starts with.
     pub(crate) initial_view: MapView,
+    /// The volume's policy in the map at join: the replica starts with it.
+    pub(crate) initial_policy: ReplPolicy,
     workload: PreferenceConfig,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -275,17 +304,20 @@ impl ControlPlane {
         let mut created = false;
         let mut last_note = tokio::time::Instant::now();
         // Bounded by `join_timeout`.
-        let state = loop {
+        let (state, map_ack) = loop {
             match node.read_map_anywhere(RAFT_DEADLINE).await {
                 Ok((_, map)) => match map.cg(cg) {
-                    Some(state) => break state.clone(),
+                    Some(state) => {
+                        let ack = map.volumes.get(&volume_id).map(|v| v.policy);
+                        break (state.clone(), ack);
+                    }
                     None if !created => {
                         created = true;
                         let cmd = Command::VolumeCreate {
                             volume: volume_id,
                             cg,
                             size_bytes,
-                            policy: AckPolicy::Sync,
+                            policy: to_map_policy(s.policy.ack),
                             preference: Preference::Workload(s.preference),
                         };
                         if let Err(e) = node.propose_anywhere(cmd, RAFT_DEADLINE).await {
@@ -314,7 +346,12 @@ impl ControlPlane {
             tokio::time::sleep(Duration::from_millis(200)).await;
         };
         let initial_view = map_view(&state, me)?;
-        info!(?initial_view, epoch = ?state.epoch, "joined the witness group");
+        let initial_policy = policy_from_map(
+            map_ack.unwrap_or(to_map_policy(s.policy.ack)),
+            state.active_site,
+            &s.policy,
+        );
+        info!(?initial_view, ?initial_policy, epoch = ?state.epoch, "joined the witness group");
         let arbiter = Arbiter::new(me, s.arbiter, incarnation, boottime_us());
         let shared = Arc::new(Shared {
             on_detached: std::sync::OnceLock::new(),
@@ -332,6 +369,7 @@ impl ControlPlane {
             node,
             shared,
             initial_view,
+            initial_policy,
             workload: s.workload,
             task: None,
         })
@@ -360,6 +398,7 @@ impl ControlPlane {
             replica_epoch: self.initial_view.epoch,
             map_index: 0,
             policy: String::new(),
+            policy_told: self.initial_policy,
             read_index_busy: Arc::new(AtomicUsize::new(0)),
             proposals_busy: Arc::new(AtomicUsize::new(0)),
             last_start_resync_us: 0,
@@ -432,6 +471,61 @@ async fn detach(node: &WitnessNode, cg: u64, survivor: Site) -> anyhow::Result<S
     })
 }
 
+/// `stretch volume policy` / `handoff`: commits the volume's ack policy and/or the async
+/// writer. The writer moves only between in-sync sites at the current epoch (the map
+/// checks); the replicas then drain the lag and hand over in-band (DESIGN §5 `handoff`).
+async fn set_policy(
+    node: &WitnessNode,
+    volume: u64,
+    cg: u64,
+    ack: Option<ReplAck>,
+    active: Option<u8>,
+) -> anyhow::Result<String> {
+    let mut done = Vec::new();
+    let refused = |what: &str, result: &ApplyResult| -> anyhow::Result<()> {
+        match result {
+            ApplyResult::One(Outcome::Rejected { reason }) => {
+                bail!("the map refused the {what}: {reason}")
+            }
+            _ => Ok(()),
+        }
+    };
+    if let Some(ack) = ack {
+        let cmd = Command::VolumeSetPolicy {
+            volume,
+            policy: to_map_policy(ack),
+        };
+        let result = node
+            .propose_anywhere(cmd, RAFT_DEADLINE)
+            .await
+            .map_err(|e| anyhow::anyhow!("propose the policy: {e}"))?;
+        refused("policy", &result)?;
+        done.push(format!("policy {}", ack.name()));
+    }
+    if let Some(site) = active {
+        let (_, map) = node
+            .read_map_anywhere(RAFT_DEADLINE)
+            .await
+            .map_err(|e| anyhow::anyhow!("read the map: {e}"))?;
+        let Some(state) = map.cg(cg) else {
+            bail!("the map has no record of this volume");
+        };
+        let site = if site == 0 { Site::A } else { Site::B };
+        let cmd = Command::SetActiveSite {
+            cg,
+            site,
+            expected_epoch: state.epoch,
+        };
+        let result = node
+            .propose_anywhere(cmd, RAFT_DEADLINE)
+            .await
+            .map_err(|e| anyhow::anyhow!("propose the active site: {e}"))?;
+        refused("active site", &result)?;
+        done.push(format!("async writer {}", site_name(site)));
+    }
+    Ok(format!("committed: {}", done.join(", ")))
+}
+
 /// The admin API's handle on the control plane.
 struct ControlHandle {
     node: Arc<WitnessNode>,
@@ -466,6 +560,29 @@ impl crate::admin::ControlView for ControlHandle {
                 .map_err(|e| format!("{e:#}"))
         })
     }
+
+    fn has_map(&self) -> bool {
+        true
+    }
+
+    fn set_policy(
+        &self,
+        ack: Option<ReplAck>,
+        active_site: Option<u8>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<String, String>> + Send + '_>>
+    {
+        Box::pin(async move {
+            set_policy(
+                &self.node,
+                self.shared.volume_id,
+                self.shared.cg,
+                ack,
+                active_site,
+            )
+            .await
+            .map_err(|e| format!("{e:#}"))
+        })
+    }
 }
 
 struct ControlLoop {
@@ -477,6 +594,8 @@ struct ControlLoop {
     map_index: u64,
     /// The volume's ack policy in the last map seen.
     policy: String,
+    /// The policy the replica was last given.
+    policy_told: ReplPolicy,
     read_index_busy: Arc<AtomicUsize>,
     proposals_busy: Arc<AtomicUsize>,
     last_start_resync_us: u64,
@@ -536,6 +655,7 @@ impl ControlLoop {
                     .map(|v| format!("{:?}", v.policy).to_lowercase())
                     .unwrap_or_default();
                 actions.extend(self.shared.arbiter().on_map(index, &map, now));
+                self.sync_policy(&map).await;
             }
             for action in actions {
                 self.act(action, &ri_tx);
@@ -698,6 +818,26 @@ impl ControlLoop {
             }
             busy.fetch_sub(1, Ordering::SeqCst);
         });
+    }
+
+    /// Tells the replica when the map changed the volume's ack policy or async writer
+    /// (DESIGN §5: "changeable live"); the replica switches its mode in-band with the peer.
+    async fn sync_policy(&mut self, map: &ClusterMap) {
+        let Some(volume) = map.volumes.get(&self.shared.volume_id) else {
+            return;
+        };
+        let Some(cg) = map.cg(self.shared.cg) else {
+            return;
+        };
+        let policy = policy_from_map(volume.policy, cg.active_site, &self.policy_told);
+        if policy == self.policy_told {
+            return;
+        }
+        info!(?policy, "the map changed the volume's ack policy");
+        match self.device.control(Event::SetPolicy(policy)).await {
+            Ok(()) => self.policy_told = policy,
+            Err(e) => self.note_error(format!("tell the replica its policy: {e}")),
+        }
     }
 
     /// Tells the replica about a new epoch, when it may know it (module documentation).

@@ -6,6 +6,7 @@ mod cli;
 mod config;
 mod control;
 mod detach;
+mod policy;
 mod progress;
 mod serve;
 mod site;
@@ -47,7 +48,7 @@ fn main() -> std::process::ExitCode {
             cli::Command::Site(args) => site::run(args).await,
             cli::Command::Witness(args) => witness::run(args).await,
             cli::Command::Detach(args) => detach::run(args).await,
-            cli::Command::Volume(cmd) => volume::run(cmd),
+            cli::Command::Volume(cmd) => volume::run(cmd).await,
             cli::Command::Link(args) => stretch_bench::run_link(args).await,
             cli::Command::Bench(args) => stretch_bench::run_bench(args).await,
             cli::Command::Status(args) => status::run(args).await,

@@ -1,5 +1,6 @@
 //! `stretch site`: one site of a stretched volume — the local engine volume, replication to
-//! the peer site under the `sync` policy, and NBD for the hypervisor (DESIGN.md §1).
+//! the peer site under the volume's ack policy (`--policy`), and NBD for the hypervisor
+//! (DESIGN.md §1).
 //!
 //! With `--raft-listen` (or `[control]`) the site joins the witness group and the cluster map
 //! moves: detach, resync and rejoin are decided there (src/control.rs). Without it the map is
@@ -24,7 +25,7 @@ use crate::control::{ControlPlane, ControlSettings};
 use crate::serve::NbdListeners;
 use stretch_engine::{BlockDevice, IoEngineKind, Volume, VolumeConfig};
 use stretch_nbd::Export;
-use stretch_replicator::core::{Config as ReplicaConfig, MapView, Role};
+use stretch_replicator::core::{AckPolicy, Config as ReplicaConfig, MapView, Policy, Role};
 use stretch_replicator::driver::DriverConfig;
 use stretch_replicator::link::{LinkConfig, LinkMode};
 use stretch_replicator::{ReplicatedOptions, ReplicatedVolume};
@@ -50,6 +51,61 @@ pub(crate) struct Settings {
     pub(crate) admin: SocketAddr,
     /// The witness group; `None` runs with the fixed map (no arbitration).
     pub(crate) control: Option<ControlSettings>,
+    /// The ack policy and its bounds (with a witness, the map's policy and writer win).
+    pub(crate) policy: Policy,
+}
+
+/// The ack policy from flags over `[replication]`, with defaults for the rest.
+fn policy_settings(
+    args: &SiteArgs,
+    repl: Option<&crate::config::ReplicationConfig>,
+) -> anyhow::Result<Policy> {
+    let mut policy = Policy::default();
+    if let Some(text) = args
+        .policy
+        .clone()
+        .or_else(|| repl.and_then(|r| r.policy.clone()))
+    {
+        policy.ack = AckPolicy::parse(&text).with_context(|| {
+            format!("the policy must be sync, sync-received, async or adaptive, not {text:?}")
+        })?;
+    }
+    if let Some(text) = args
+        .active_site
+        .clone()
+        .or_else(|| repl.and_then(|r| r.active_site.clone()))
+    {
+        policy.active_site = match text.as_str() {
+            "a" => 0,
+            "b" => 1,
+            other => bail!("the active site must be a or b, not {other:?}"),
+        };
+    }
+    if let Some(bytes) = args
+        .lag_bytes_max
+        .or_else(|| repl.and_then(|r| r.lag_bytes_max))
+    {
+        if bytes < 4096 {
+            bail!("lag_bytes_max must allow at least one block (4096 bytes), not {bytes}");
+        }
+        policy.lag_bytes_max = bytes;
+    }
+    if let Some(ms) = args.lag_ms_max.or_else(|| repl.and_then(|r| r.lag_ms_max)) {
+        if ms == 0 {
+            bail!("lag_ms_max must be above 0");
+        }
+        policy.lag_us_max = ms.saturating_mul(1_000);
+    }
+    if let Some(ms) = args
+        .sync_rtt_max_ms
+        .or_else(|| repl.and_then(|r| r.sync_rtt_max_ms))
+    {
+        if !(ms.is_finite() && ms > 0.0) {
+            bail!("sync_rtt_max_ms must be a positive number of milliseconds, not {ms}");
+        }
+        policy.sync_rtt_max_us = (ms * 1_000.0) as u64;
+    }
+    Ok(policy)
 }
 
 fn settings(args: SiteArgs) -> anyhow::Result<Settings> {
@@ -59,6 +115,7 @@ fn settings(args: SiteArgs) -> anyhow::Result<Settings> {
         (None, None) => bail!("stretch site needs --config FILE or --data-dir DIR"),
     };
     let repl = config.replication.as_ref();
+    let policy = policy_settings(&args, repl)?;
     let Some(site_name) = args.site.or_else(|| repl.map(|r| r.site.clone())) else {
         bail!("give the site with --site a|b or [replication] site");
     };
@@ -145,6 +202,7 @@ fn settings(args: SiteArgs) -> anyhow::Result<Settings> {
                 join_timeout: std::time::Duration::from_secs(120),
                 preference: crate::control::parse_site(&preferred)?,
                 workload: stretch_witness::preference::PreferenceConfig::default(),
+                policy,
             })
         }
     };
@@ -161,6 +219,7 @@ fn settings(args: SiteArgs) -> anyhow::Result<Settings> {
         request_timeout_ms,
         admin,
         control,
+        policy,
     })
 }
 
@@ -230,6 +289,7 @@ pub(crate) async fn start(s: Settings) -> anyhow::Result<RunningSite> {
     // its outbound queue was full. A short timer would resend writes the peer is still
     // applying, and every resend costs a full write's bytes on the link.
     replica.retransmit_after_us = 1_000_000;
+    replica.policy = s.policy;
     // With a witness, the site serves nothing before a linearizable read of the map says
     // where it stands (DESIGN.md §6); without one, the map is fixed.
     let mut control = match &s.control {
@@ -239,6 +299,9 @@ pub(crate) async fn start(s: Settings) -> anyhow::Result<RunningSite> {
         }
         None => None,
     };
+    if let Some(c) = &control {
+        replica.policy = c.initial_policy;
+    }
     let map = match &control {
         Some(c) => c.initial_view,
         None => MapView {

@@ -130,6 +130,22 @@ fn leader(v: &Value) -> String {
     }
 }
 
+/// `policy (mode)` from the replica's status: the mode is shown when it differs from the
+/// policy's name, with the async writer.
+fn policy_text(repl: &Value) -> String {
+    let policy = repl["policy"].as_str().unwrap_or("-");
+    let mode = match (repl["mode"].as_str(), repl["async_writer"].as_str()) {
+        (Some("async"), Some(writer)) => format!("async {writer}"),
+        (Some(mode), _) => mode.to_string(),
+        (None, _) => "mode unknown".to_string(),
+    };
+    if mode == policy {
+        policy.to_string()
+    } else {
+        format!("{policy} ({mode})")
+    }
+}
+
 fn print_table(clients: &[AdminClient], answers: &[anyhow::Result<Value>]) {
     let mut rows = vec![[
         "SITE", "ADMIN", "VOLUME", "ROLE", "EPOCH", "LINK", "RTT", "LAG", "DIRTY", "RESYNC",
@@ -185,8 +201,9 @@ fn print_table(clients: &[AdminClient], answers: &[anyhow::Result<Value>]) {
             },
             text(&repl["dirty_blocks"]),
             resync(status),
-            // The control plane's view, when the site runs with a witness.
-            control_text(&status["control"]["policy"]),
+            // The replica's policy and the mode in force (`adaptive (async a)`: adaptive,
+            // currently async with site a writing).
+            policy_text(repl),
             control_text(&status["control"]["serving"]),
             match status["control"]["lease_left_ms"].as_u64() {
                 Some(ms) => format!("{ms} ms"),

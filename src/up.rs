@@ -42,6 +42,15 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     )
     .await
     .context("start the witness")?;
+    let policy = stretch_replicator::core::Policy {
+        ack: stretch_replicator::core::AckPolicy::parse(&args.policy).with_context(|| {
+            format!(
+                "the policy must be sync, sync-received, async or adaptive, not {:?}",
+                args.policy
+            )
+        })?,
+        ..stretch_replicator::core::Policy::default()
+    };
     let settings = |name: &str, site: u8, link, listen| Settings {
         site_name: name.into(),
         site,
@@ -68,7 +77,9 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             join_timeout: std::time::Duration::from_secs(30),
             preference: stretch_witness::map::Site::A,
             workload: stretch_witness::preference::PreferenceConfig::default(),
+            policy,
         }),
+        policy,
     };
     // Site A accepts the replication link; the emulator sits in front of it; B dials the
     // emulator. So every replication byte between the sites crosses the emulated distance.

@@ -1,4 +1,5 @@
-//! `stretch volume …`: offline volume management in a data directory.
+//! `stretch volume …`: offline volume management in a data directory, and (through a site's
+//! admin API) a stretched volume's ack policy and async writer.
 
 use anyhow::{bail, Context};
 
@@ -6,8 +7,10 @@ use crate::cli::VolumeCommand;
 use crate::config::{check_volume_size, parse_size};
 use stretch_engine::{delete_volume, list_volumes, Volume, VolumeConfig};
 
-pub fn run(cmd: VolumeCommand) -> anyhow::Result<()> {
+pub async fn run(cmd: VolumeCommand) -> anyhow::Result<()> {
     match cmd {
+        VolumeCommand::Policy(args) => crate::policy::run_policy(args).await?,
+        VolumeCommand::Handoff(args) => crate::policy::run_handoff(args).await?,
         VolumeCommand::Create {
             name,
             size,

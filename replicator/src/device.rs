@@ -38,7 +38,7 @@ use stretch_engine::{
     AlignedBuf, BlockDevice, BlockError, Extent, Volume, ZeroFlags, BLOCK_SIZE, REQUEST_BYTES_MAX,
 };
 
-use crate::core::{ClientError, ClientOpId, Config, Event, MapView, Role};
+use crate::core::{ClientError, ClientOpId, Config, Event, MapView};
 use crate::driver::{self, Clock, DriverConfig, DriverStats, Input, Reply};
 use crate::frame::{Frame, Header, Kind, CONTROL_BODY_BYTES_MAX};
 use crate::link::{self, LinkConfig, LinkMode, LinkStats};
@@ -212,8 +212,7 @@ impl ReplicatedVolume {
     /// read, a role that needs the core's judgement, or an engine error the core may repair).
     async fn read_fast(&self, offset: u64, len: u32) -> Option<AlignedBuf> {
         let stats = self.driver_stats();
-        let serving = matches!(stats.role, Some(Role::InSync) | Some(Role::Survivor));
-        if !serving || stats.failed {
+        if !stats.local_reads || stats.failed {
             return None;
         }
         let first = offset / BLOCK_BYTES;

@@ -30,9 +30,9 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
 
 use crate::core::{
-    Action, ClientError, ClientOpId, Config, Counters, Event, MapView, Replica, Role,
+    Action, ClientError, ClientOpId, Config, Counters, Event, MapView, Mode, Policy, Replica, Role,
 };
-use crate::frame::Kind;
+use crate::frame::{Kind, FLAG_RECEIVED};
 use crate::store::EngineStore;
 
 /// The replica's clock: wall-clock microseconds at start, advanced by a monotonic clock, so
@@ -145,6 +145,15 @@ pub struct DriverStats {
     /// Survivor: the epoch in which the catching-up peer's resync last completed; the
     /// control plane may then commit its rejoin (DESIGN.md §4 "Resync").
     pub resync_complete_epoch: Option<u32>,
+    /// The volume's ack policy and the mode in force (`None` while this site waits to hear
+    /// it from the leader), DESIGN.md §5.
+    pub policy: Policy,
+    pub mode: Option<Mode>,
+    /// `async`: age of the oldest local write not yet durable at the peer.
+    pub lag_us: u64,
+    /// The read fast path may serve a clean range here (not the passive site of `async`,
+    /// not a site that does not know its mode yet).
+    pub local_reads: bool,
 }
 
 /// The sending half of the bounded outbound queue (replica thread -> link writer).
@@ -263,6 +272,7 @@ impl ReplicaThread {
         // (action, whether the link was up when the core produced it)
         let mut actions: Vec<(Action, bool)> = Vec::new();
         let mut last_region_clear_us = self.clock.now_us();
+        let mut apply_received = false;
         self.publish(&replica);
         while self.store.failure().is_none() {
             let Some(first) = inputs.blocking_recv() else {
@@ -295,6 +305,11 @@ impl ReplicaThread {
                     }
                 };
                 replica.step(self.clock.now_us(), event, &mut self.store, &mut step_out);
+                // Turning passive (async) must reach the read fast path before the answer
+                // that lets the writer go on leaves this thread.
+                if self.local.local_reads && !replica.serves_local_reads() {
+                    self.publish(&replica);
+                }
                 for action in step_out.drain(..) {
                     // Two kinds of frame go at once rather than after the batch:
                     // - heartbeats claim nothing about data, so the rest of the batch does not
@@ -306,6 +321,8 @@ impl ReplicaThread {
                     //   a later batch, after the submit, and the blocks are dirty here
                     //   meanwhile (reads of them wait). Acks of received writes still wait for
                     //   the submit: they say "applied here".
+                    // - sync-received's acks of receipt: they claim "received", not "applied",
+                    //   which is the point of the policy (the apply follows below).
                     let now = matches!(
                         &action,
                         Action::SendFrame(f)
@@ -316,9 +333,12 @@ impl ReplicaThread {
                                     | Kind::Write
                                     | Kind::Trim
                                     | Kind::WriteZeroes
-                            )
+                            ) || (f.header.kind == Kind::WriteAck
+                                && f.header.flags & FLAG_RECEIVED != 0)
                     );
-                    if now {
+                    if matches!(action, Action::ApplyReceived) {
+                        apply_received = true;
+                    } else if now {
                         self.dispatch(action, self.link_up, &BTreeSet::new());
                     } else {
                         actions.push((action, self.link_up));
@@ -327,6 +347,17 @@ impl ReplicaThread {
                 if self.store.failure().is_some() {
                     break;
                 }
+            }
+            // sync-received: the batch's received writes, acknowledged as received above, are
+            // applied with the rest of the batch's engine writes.
+            if std::mem::take(&mut apply_received) {
+                replica.step(
+                    self.clock.now_us(),
+                    Event::ApplyReceived,
+                    &mut self.store,
+                    &mut step_out,
+                );
+                actions.extend(step_out.drain(..).map(|a| (a, self.link_up)));
             }
             // The gathered writes reach the engine before any action reports them, so a
             // checksum failure among the batch's reads is known below.
@@ -405,6 +436,8 @@ impl ReplicaThread {
                     tracing::error!(lba, "cannot save a divergent block: {err}");
                 }
             }
+            // Handled in the batch loop, which steps the apply before the engine submit.
+            Action::ApplyReceived => {}
             Action::ResyncComplete { epoch } => {
                 self.local.resync_complete_epoch = Some(epoch);
                 tracing::info!(
@@ -449,6 +482,10 @@ impl ReplicaThread {
         self.local.dirty_blocks = self.store.dirty_count();
         self.local.untrusted_blocks = replica.untrusted_blocks() as u64;
         self.local.lag_bytes = replica.inflight_bytes() as u64;
+        self.local.lag_us = replica.async_lag(self.clock.now_us()).1;
+        self.local.policy = replica.policy();
+        self.local.mode = replica.mode();
+        self.local.local_reads = replica.serves_local_reads();
         if let Ok(mut stats) = self.stats.lock() {
             *stats = self.local;
         }

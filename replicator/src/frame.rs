@@ -46,6 +46,15 @@ pub const FLAG_FUA: u32 = 1 << 0;
 /// restarted from a crash before settling it), so the receiver merges it by the apply rule
 /// instead of taking it unconditionally (see `core::replica`, "Settling after a crash").
 pub const FLAG_UNTRUSTED: u32 = 1 << 1;
+/// `flags` of a Write, Trim or WriteZeroes: the origin runs `sync-received` (DESIGN.md §5),
+/// so the receiver may acknowledge it as received (`FLAG_RECEIVED`) before it applies it.
+pub const FLAG_ACK_ON_RECEIVE: u32 = 1 << 2;
+/// `flags` of a WriteAck: the mutation was received and is visible to reads there, but not
+/// yet applied; a plain WriteAck follows once it is.
+pub const FLAG_RECEIVED: u32 = 1 << 3;
+/// `flags` of a ModeSwitchAck: the peer refused the switch (it still writes); the leader
+/// tries again later.
+pub const FLAG_REFUSED: u32 = 1 << 4;
 
 const OFF_MAGIC: usize = 0;
 const OFF_VERSION: usize = 4;
@@ -110,6 +119,11 @@ pub enum Kind {
     /// link stops carrying writes — but the link hands it to the control plane, never to the
     /// replica.
     Control = 13,
+    /// The leading site switches the ack mode at `seq` of its stream (DESIGN.md §5: "agreed
+    /// in-band"); `lba` carries the mode (`core::Mode::encode`). No body.
+    ModeSwitch = 14,
+    /// The answer to ModeSwitch `seq`: in force here from now on, unless `FLAG_REFUSED`.
+    ModeSwitchAck = 15,
 }
 
 /// The largest body of a [`Kind::Control`] frame.
@@ -117,7 +131,7 @@ pub const CONTROL_BODY_BYTES_MAX: u32 = 64 * 1024;
 
 impl Kind {
     /// Every kind, for tests and exhaustive tables.
-    pub const ALL: [Kind; 13] = [
+    pub const ALL: [Kind; 15] = [
         Kind::Write,
         Kind::WriteAck,
         Kind::DurableAck,
@@ -131,6 +145,8 @@ impl Kind {
         Kind::WriteNack,
         Kind::ResyncAck,
         Kind::Control,
+        Kind::ModeSwitch,
+        Kind::ModeSwitchAck,
     ];
 
     fn from_wire(byte: u8) -> Option<Kind> {

@@ -82,11 +82,13 @@ fn replay() {
 fn seeds_cover_detach_rejoin_crash_and_fencing() {
     let mut totals = (0u32, 0u32, 0u32, 0u64, 0u64, 0u64, 0u64);
     let mut settle = (0u64, 0u64, 0u64);
+    let mut received_early = 0u64;
     for seed in 0..200 {
         let r = run_seed(seed, Fault::None, false).unwrap_or_else(|f| panic!("{f}"));
         settle.0 += r.blocks_lost;
         settle.1 += r.blocks_settled;
         settle.2 += r.flushes_done;
+        received_early += r.received_early;
         totals.0 += r.detaches;
         totals.1 += r.rejoins;
         totals.2 += r.crashes;
@@ -108,6 +110,9 @@ fn seeds_cover_detach_rejoin_crash_and_fencing() {
         settle.0 > 20 && settle.1 > 20 && settle.2 > 100,
         "{settle:?}"
     );
+    // Half the seeds run sync-received: its early acks must really happen.
+    eprintln!("received early: {received_early}");
+    assert!(received_early > 1000, "{received_early}");
 }
 
 fn expect_caught(fault: Fault) {
@@ -138,6 +143,11 @@ fn checker_catches_reads_that_do_not_wait() {
 #[test]
 fn checker_catches_missing_fencing() {
     expect_caught(Fault::NoFencing);
+}
+
+#[test]
+fn checker_catches_a_receipt_ack_before_the_write_is_visible() {
+    expect_caught(Fault::ReceivedNotVisible);
 }
 
 #[test]

@@ -4,9 +4,11 @@
 //! touches a disk by itself: time comes in with every step, frames go out as actions, and
 //! block I/O goes through the injected [`BlockStore`].
 
+mod policy;
 mod replica;
 mod store;
 
+pub use policy::{AckPolicy, Mode, Policy};
 pub use replica::{Counters, Replica};
 pub use store::{BlockStore, Content};
 
@@ -59,6 +61,11 @@ pub enum Fault {
     /// the peer (breaks §4 "After a crash, stamps of blocks in the activity log are untrusted
     /// and are settled from the peer"): a write lost by the crash stays lost.
     NoSettle,
+    /// `sync-received`: a receiver acknowledges receipt without making the write visible
+    /// to its reads (no dirty mark until the apply), so a read there after the origin's ack
+    /// can return older data (breaks §5 "received by the peer, where it is visible to
+    /// reads", invariant 4).
+    ReceivedNotVisible,
 }
 
 /// Static configuration of one replica.
@@ -88,6 +95,11 @@ pub struct Config {
     /// over TCP, which does not lose frames, but a reconnect does; resending is harmless
     /// because every apply is idempotent under the apply rule.
     pub retransmit_after_us: u64,
+    /// The volume's ack policy at start; changed live by [`Event::SetPolicy`].
+    pub policy: Policy,
+    /// `sync-received`: bytes of received mutations held for their apply after the early
+    /// ack. Beyond it a received write is applied before its ack, as under `sync`.
+    pub receive_queue_bytes_max: usize,
     pub fault: Fault,
 }
 
@@ -108,6 +120,8 @@ impl Config {
             heartbeat_interval_us: 10_000,
             heartbeats_outstanding_max: 16,
             retransmit_after_us: 50_000,
+            policy: Policy::default(),
+            receive_queue_bytes_max: 16 * 1024 * 1024,
             fault: Fault::None,
         }
     }
@@ -160,6 +174,12 @@ pub enum Event {
     Rejoin {
         new_epoch: u32,
     },
+    /// The volume's ack policy changed in the committed map (DESIGN.md §5). The mode in
+    /// force changes only through the in-band switch (see `policy`).
+    SetPolicy(Policy),
+    /// `sync-received`: apply the mutations received and already acknowledged as received
+    /// (asked for by [`Action::ApplyReceived`]).
+    ApplyReceived,
 }
 
 /// Why a client request failed.
@@ -207,7 +227,12 @@ pub enum Action {
     ResyncComplete {
         epoch: u32,
     },
+    /// `sync-received`: mutations were acknowledged as received and wait to be applied; the
+    /// driver steps [`Event::ApplyReceived`] once this step's frames are on their way.
+    ApplyReceived,
 }
 
+#[cfg(test)]
+mod policy_tests;
 #[cfg(test)]
 mod tests;

@@ -58,10 +58,15 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use stretch_engine::{Stamp, BLOCK_SIZE};
 use tracing::{info, warn};
 
+use super::policy::desired_mode;
 use super::{
-    Action, BlockStore, ClientError, ClientOpId, Config, Content, Event, Fault, MapView, Role,
+    AckPolicy, Action, BlockStore, ClientError, ClientOpId, Config, Content, Event, Fault, MapView,
+    Mode, Policy, Role,
 };
-use crate::frame::{Frame, Header, Kind, BODY_BYTES_MAX, FLAG_FUA, FLAG_UNTRUSTED};
+use crate::frame::{
+    Frame, Header, Kind, BODY_BYTES_MAX, FLAG_ACK_ON_RECEIVE, FLAG_FUA, FLAG_RECEIVED,
+    FLAG_REFUSED, FLAG_UNTRUSTED,
+};
 use crate::stamp::{Hlc, SiteId, StampParts};
 
 const BLOCK_BYTES: usize = BLOCK_SIZE as usize;
@@ -120,6 +125,34 @@ struct PendingWrite {
     last_sent_us: u64,
     wire_bytes: usize,
     fua: bool,
+    /// The client has its ack: `async` acks at once, `sync-received` on the peer's
+    /// receipt. The write stays pending until the peer applied it (or, under `async`, made
+    /// it durable), and a detach never fails it.
+    client_acked: bool,
+    /// Accepted under `async`: released only by the peer's DurableAck (the lag, §5).
+    is_async: bool,
+    /// Accepted under `sync-received` (and not FUA): the frame asks for an ack of receipt.
+    ack_on_receive: bool,
+    /// `async`: the peer acknowledged the apply; waiting for a lag marker's DurableAck.
+    peer_applied: bool,
+    /// `async`: the seq of the lag marker whose DurableAck releases this write.
+    lag_marker: Option<u64>,
+    admitted_us: u64,
+}
+
+/// `sync-received`: a mutation acknowledged as received, waiting to be applied.
+#[derive(Debug)]
+struct Received {
+    header: Header,
+    body: Vec<u8>,
+}
+
+/// A mode switch this site leads, sent and not yet answered.
+#[derive(Debug)]
+struct SwitchOut {
+    seq: u64,
+    to: Mode,
+    sent_us: u64,
 }
 
 /// A client FLUSH waiting for the peer's DurableAck (and for this site to settle).
@@ -187,6 +220,16 @@ pub struct Counters {
     pub flushes_done: u64,
     /// Flush markers of the peer answered with a DurableAck.
     pub durable_acks_sent: u64,
+    /// Mode switches that took effect here (both sites count each one).
+    pub mode_switches: u64,
+    /// Mode switches the peer refused (it was still writing).
+    pub mode_switches_refused: u64,
+    /// `async`: writes acknowledged before the peer had them.
+    pub writes_acked_async: u64,
+    /// `sync-received`: the peer's writes acknowledged as received before their apply.
+    pub writes_received_early: u64,
+    /// Client requests refused because this site is the passive site of `async`.
+    pub requests_refused_passive: u64,
 }
 
 /// One site's replication state for one volume; see the module documentation.
@@ -226,6 +269,32 @@ pub struct Replica {
     /// Set when something this step did must be durable before its actions leave.
     flush_before_actions: bool,
     counters: Counters,
+    policy: Policy,
+    /// The mode in force (see `policy`).
+    mode: Mode,
+    /// False while a site that does not lead has not yet heard the leader's mode after a
+    /// start or rejoin under `async`/`adaptive`: it might be the passive site, so it holds
+    /// client requests until it knows.
+    mode_known: bool,
+    /// The leader has told the peer the mode in this link session.
+    mode_announced: bool,
+    switch_out: Option<SwitchOut>,
+    /// After a refused switch: not before this.
+    switch_retry_at_us: u64,
+    /// Leaving `async` (or handing over): new writes wait until every async write is
+    /// durable at the peer.
+    draining: bool,
+    /// `sync-received`: received mutations acknowledged and not yet applied, in order.
+    received: VecDeque<Received>,
+    received_bytes: usize,
+    /// Per block: received mutations queued for their apply (the block is dirty meanwhile).
+    received_blocks: BTreeMap<u64, u32>,
+    apply_requested: bool,
+    /// `async`: the lag marker in flight (seq, sent at).
+    lag_marker: Option<(u64, u64)>,
+    last_peer_write_us: Option<u64>,
+    last_local_write_us: Option<u64>,
+    last_rtt_sample_us: Option<u64>,
 }
 
 impl Replica {
@@ -260,6 +329,7 @@ impl Replica {
                 "blocks of the activity log are untrusted until settled from the peer"
             );
         }
+        let cfg_policy = cfg.policy;
         let mut replica = Replica {
             cfg,
             map,
@@ -284,7 +354,23 @@ impl Replica {
             markers_waiting: BTreeMap::new(),
             flush_before_actions: false,
             counters: Counters::default(),
+            policy: cfg_policy,
+            mode: Mode::Sync,
+            mode_known: true,
+            mode_announced: false,
+            switch_out: None,
+            switch_retry_at_us: 0,
+            draining: false,
+            received: VecDeque::new(),
+            received_bytes: 0,
+            received_blocks: BTreeMap::new(),
+            apply_requested: false,
+            lag_marker: None,
+            last_peer_write_us: None,
+            last_local_write_us: None,
+            last_rtt_sample_us: None,
         };
+        replica.reset_mode();
         replica.persist_hlc(store);
         info!(site = replica.cfg.site, ?map, "replica started");
         replica
@@ -310,8 +396,51 @@ impl Replica {
         self.inflight_bytes
     }
 
+    pub fn policy(&self) -> Policy {
+        self.policy
+    }
+
+    /// The mode in force, or `None` while this site waits to hear it from the leader.
+    pub fn mode(&self) -> Option<Mode> {
+        self.mode_known.then_some(self.mode)
+    }
+
+    /// Whether a read of a range with no dirty block may be served from the local store
+    /// without asking the core (the read fast path): a serving role, a known mode, and not
+    /// the passive site of `async`.
+    pub fn serves_local_reads(&self) -> bool {
+        match self.map.role {
+            Role::Survivor => true,
+            Role::Loser => false,
+            Role::InSync => self.mode_known && !self.refuses_io(),
+        }
+    }
+
+    /// `async`: bytes of this site's writes not yet durable at the peer, and the age of the
+    /// oldest of them.
+    pub fn async_lag(&self, now_us: u64) -> (u64, u64) {
+        let mut bytes = 0u64;
+        let mut oldest_us = None;
+        for p in self.pending.values().filter(|p| p.is_async) {
+            bytes += p.wire_bytes as u64;
+            oldest_us = Some(oldest_us.map_or(p.admitted_us, |o: u64| o.min(p.admitted_us)));
+        }
+        (bytes, oldest_us.map_or(0, |t| now_us.saturating_sub(t)))
+    }
+
     pub fn hlc(&self) -> u64 {
         self.hlc.current()
+    }
+
+    /// `sync-received`: the newest stamp among the received, not yet applied mutations of
+    /// `lba` — part of what this site holds (it is visible to reads here, which wait for the
+    /// apply), for checkers.
+    pub fn received_stamp(&self, lba: u64) -> Option<Stamp> {
+        self.received
+            .iter()
+            .filter(|r| (r.header.lba..r.header.lba + u64::from(r.header.blocks)).contains(&lba))
+            .map(|r| r.header.stamp)
+            .max()
     }
 
     /// Whether a block is untrusted after a crash and not yet settled from the peer.
@@ -334,6 +463,8 @@ impl Replica {
             && self.untrusted.is_empty()
             && self.flushes.is_empty()
             && self.markers_waiting.is_empty()
+            && self.received.is_empty()
+            && self.switch_out.is_none()
             && self
                 .resync_out
                 .as_ref()
@@ -374,7 +505,7 @@ impl Replica {
                 let q = (id, lba, blocks.into(), Mutation::WriteZeroes, false);
                 self.client_mutation(now_us, q, store, out)
             }
-            Event::ClientFlush { id } => self.client_flush(now_us, id, out),
+            Event::ClientFlush { id } => self.client_flush(now_us, id, store, out),
             Event::ClientRead { id, lba, blocks } => self.client_read(id, lba, blocks, store, out),
             Event::FrameReceived(frame) => self.on_frame(now_us, frame, store, out),
             Event::Tick => self.on_tick(now_us, store, out),
@@ -386,6 +517,11 @@ impl Replica {
                 fenced_before,
             } => self.on_detach(now_us, survivor, new_epoch, fenced_before, store, out),
             Event::Rejoin { new_epoch } => self.on_rejoin(new_epoch, store, out),
+            Event::SetPolicy(policy) => self.on_set_policy(now_us, policy, store, out),
+            Event::ApplyReceived => {
+                self.apply_received(store, out);
+                self.after_progress(now_us, store, out);
+            }
         }
         self.complete_flushes(out);
         self.answer_waiting_markers(out);
@@ -446,6 +582,14 @@ impl Replica {
             mutation,
             fua,
         };
+        if self.map.role == Role::InSync && self.refuses_io() {
+            self.counters.requests_refused_passive += 1;
+            out.push(Action::FailClient {
+                id,
+                error: ClientError::Io,
+            });
+            return;
+        }
         match self.map.role {
             Role::Loser => out.push(Action::FailClient {
                 id,
@@ -456,7 +600,7 @@ impl Replica {
             }
             _ => {
                 let wire = crate::frame::HEADER_BYTES + queued.mutation.body_bytes();
-                if self.admission.is_empty() && self.window_has_room(wire) {
+                if self.admission.is_empty() && self.may_admit(now_us, wire) {
                     self.admit(now_us, queued, store, out);
                 } else if self.admission.len() < self.cfg.admission_queue_max {
                     self.admission.push_back(queued);
@@ -479,6 +623,21 @@ impl Replica {
         self.pending.len() < self.cfg.writes_in_flight_max
             && (self.pending.is_empty()
                 || self.inflight_bytes + wire_bytes <= self.cfg.window_bytes_max)
+    }
+
+    /// Whether a new write may be stamped and sent now: room in the window, a known mode,
+    /// no drain in progress, and under `async` the lag below both bounds (§5: "beyond which
+    /// writes wait").
+    fn may_admit(&self, now_us: u64, wire_bytes: usize) -> bool {
+        if !self.mode_known || self.draining || !self.window_has_room(wire_bytes) {
+            return false;
+        }
+        if !self.is_async_writer() || self.pending.is_empty() {
+            return true;
+        }
+        let (lag_bytes, lag_us) = self.async_lag(now_us);
+        lag_bytes + wire_bytes as u64 <= self.policy.lag_bytes_max
+            && lag_us < self.policy.lag_us_max
     }
 
     /// A stamp above every covered block's current stamp, or `None` if a covered block
@@ -579,6 +738,14 @@ impl Replica {
         }
         let seq = self.alloc_seq();
         let wire_bytes = crate::frame::HEADER_BYTES + q.mutation.body_bytes();
+        self.last_local_write_us = Some(now_us);
+        let is_async = self.is_async_writer();
+        if is_async {
+            // Acknowledged once applied here (and durable here under FUA, flushed at the end
+            // of this step before the ack leaves); shipped behind it.
+            self.counters.writes_acked_async += 1;
+            out.push(Action::AckClient { id: q.id, stamp });
+        }
         let mut p = PendingWrite {
             id: q.id,
             lba: q.lba,
@@ -589,6 +756,12 @@ impl Replica {
             last_sent_us: 0,
             wire_bytes,
             fua: q.fua,
+            client_acked: is_async,
+            is_async,
+            ack_on_receive: self.mode == Mode::SyncReceived && !q.fua,
+            peer_applied: false,
+            lag_marker: None,
+            admitted_us: now_us,
         };
         self.inflight_bytes += wire_bytes;
         if self.link_up {
@@ -614,9 +787,17 @@ impl Replica {
                     };
                     self.accept_alone(now_us, q, store, out);
                 }
+                Role::InSync if self.refuses_io() => {
+                    self.counters.requests_refused_passive += 1;
+                    out.push(Action::FailClient {
+                        id: front.id,
+                        error: ClientError::Io,
+                    });
+                    self.admission.pop_front();
+                }
                 _ => {
                     let wire = crate::frame::HEADER_BYTES + front.mutation.body_bytes();
-                    if !self.window_has_room(wire) {
+                    if !self.may_admit(now_us, wire) {
                         break;
                     }
                     let Some(q) = self.admission.pop_front() else {
@@ -633,8 +814,14 @@ impl Replica {
     /// site's store after the FLUSH arrived covers them; the peer's is asked for with a
     /// FlushMarker and confirmed by its DurableAck, and like a write it waits for a peer that
     /// is unreachable (resent on link-up and on a timer).
-    fn client_flush(&mut self, now_us: u64, id: ClientOpId, out: &mut Vec<Action>) {
-        if self.map.role == Role::Loser {
+    fn client_flush(
+        &mut self,
+        now_us: u64,
+        id: ClientOpId,
+        store: &mut dyn BlockStore,
+        out: &mut Vec<Action>,
+    ) {
+        if self.map.role == Role::Loser || (self.map.role == Role::InSync && self.refuses_io()) {
             out.push(Action::FailClient {
                 id,
                 error: ClientError::Io,
@@ -648,11 +835,15 @@ impl Replica {
             });
             return;
         }
+        // sync-received: the peer's writes received here are applied before the flush, so
+        // it covers them (§5: "FLUSH ... first drains both receive queues").
+        self.apply_received(store, out);
         let seq = self.alloc_seq();
         let mut flush = PendingFlush {
             id,
-            // A survivor is the only copy while detached (single-copy durability).
-            peer_durable: self.map.role == Role::Survivor,
+            // A survivor is the only copy while detached (single-copy durability). Under
+            // async, FLUSH is local only (§5): the peer lags by design.
+            peer_durable: self.map.role == Role::Survivor || self.is_async_writer(),
             last_sent_us: 0,
         };
         if !flush.peer_durable && self.link_up {
@@ -692,10 +883,12 @@ impl Replica {
     /// The peer's FlushMarker: answered with a DurableAck after this site's store is flushed,
     /// but only once this site has settled, or the flush would not cover the writes a crash
     /// lost here.
-    fn on_flush_marker(&mut self, h: &Header) {
+    fn on_flush_marker(&mut self, h: &Header, store: &mut dyn BlockStore, out: &mut Vec<Action>) {
         if self.map.role == Role::Loser || h.accept_epoch > self.map.epoch {
             return;
         }
+        // The writes received before the marker are applied first, so the flush covers them.
+        self.apply_received(store, out);
         // Full: dropped; the peer resends it.
         if self.markers_waiting.len() < self.cfg.admission_queue_max {
             self.markers_waiting.insert(h.seq, *h);
@@ -714,9 +907,19 @@ impl Replica {
         }
     }
 
-    fn on_durable_ack(&mut self, h: &Header) {
+    fn on_durable_ack(
+        &mut self,
+        now_us: u64,
+        h: &Header,
+        store: &mut dyn BlockStore,
+        out: &mut Vec<Action>,
+    ) {
         if let Some(f) = self.flushes.get_mut(&h.seq) {
             f.peer_durable = true;
+        }
+        if self.lag_marker.is_some_and(|(seq, _)| seq == h.seq) {
+            self.release_durable(h.seq, store);
+            self.after_progress(now_us, store, out);
         }
     }
 
@@ -739,7 +942,10 @@ impl Replica {
             });
             return;
         }
-        if self.map.role == Role::Loser {
+        if self.map.role == Role::Loser || (self.map.role == Role::InSync && self.refuses_io()) {
+            if self.map.role == Role::InSync {
+                self.counters.requests_refused_passive += 1;
+            }
             out.push(Action::FailClient {
                 id,
                 error: ClientError::Io,
@@ -766,6 +972,12 @@ impl Replica {
         match self.map.role {
             Role::Survivor => true,
             Role::Loser => false,
+            Role::InSync if !self.mode_known => false,
+            // The async writer's blocks stay dirty until the peer made them durable; its
+            // reads wait for nothing but blocks a crash left unsettled.
+            Role::InSync if self.is_async_writer() => !(read.lba
+                ..read.lba + u64::from(read.blocks))
+                .any(|b| self.untrusted.contains_key(&b)),
             Role::InSync => {
                 self.cfg.fault == Fault::ReadsDontWait
                     || !(read.lba..read.lba + u64::from(read.blocks)).any(|b| store.is_dirty(b))
@@ -793,8 +1005,10 @@ impl Replica {
             return;
         }
         let mut still = VecDeque::with_capacity(self.reads.len());
+        let refuse =
+            self.map.role == Role::Loser || (self.map.role == Role::InSync && self.refuses_io());
         while let Some(read) = self.reads.pop_front() {
-            if self.map.role == Role::Loser {
+            if refuse {
                 out.push(Action::FailClient {
                     id: read.id,
                     error: ClientError::Io,
@@ -870,11 +1084,17 @@ impl Replica {
             self.settled(lba);
             // Now the peer's version (or a newer one of its): clean, unless a local write still
             // waits on the block (a loser's blocks are cleaned by its own resync rule).
-            if self.map.role == Role::InSync && !self.block_pending.contains_key(&lba) {
+            if self.map.role == Role::InSync && !self.waits_on(lba) {
                 store.clear_dirty(lba);
             }
         }
         applied
+    }
+
+    /// A local write waits for the peer on `lba`, or a received one waits for its apply:
+    /// either keeps the block dirty (and reads of it waiting).
+    fn waits_on(&self, lba: u64) -> bool {
+        self.block_pending.contains_key(&lba) || self.received_blocks.contains_key(&lba)
     }
 
     fn settled(&mut self, lba: u64) {
@@ -905,6 +1125,9 @@ impl Replica {
         h.stamp = p.stamp;
         if p.fua {
             h.flags |= FLAG_FUA;
+        }
+        if p.ack_on_receive {
+            h.flags |= FLAG_ACK_ON_RECEIVE;
         }
         let body = match &p.mutation {
             Mutation::Write(data) => data.clone(),
@@ -941,7 +1164,7 @@ impl Replica {
         }
         match h.kind {
             Kind::Write | Kind::Trim | Kind::WriteZeroes => {
-                self.on_mutation(&h, &frame.body, store, out)
+                self.on_mutation(now_us, &h, frame.body, store, out)
             }
             Kind::WriteAck => self.on_write_ack(now_us, &h, store, out),
             Kind::WriteNack => self.on_write_nack(now_us, &h, store, out),
@@ -953,8 +1176,10 @@ impl Replica {
             // The link hands control frames to the control plane; one reaching the core came
             // by another path and carries nothing for it.
             Kind::Control => self.counters.frames_foreign += 1,
-            Kind::FlushMarker => self.on_flush_marker(&h),
-            Kind::DurableAck => self.on_durable_ack(&h),
+            Kind::FlushMarker => self.on_flush_marker(&h, store, out),
+            Kind::DurableAck => self.on_durable_ack(now_us, &h, store, out),
+            Kind::ModeSwitch => self.on_mode_switch(now_us, &h, store, out),
+            Kind::ModeSwitchAck => self.on_mode_switch_ack(now_us, &h, store, out),
         }
     }
 
@@ -966,8 +1191,9 @@ impl Replica {
 
     fn on_mutation(
         &mut self,
+        now_us: u64,
         h: &Header,
-        body: &[u8],
+        body: Vec<u8>,
         store: &mut dyn BlockStore,
         out: &mut Vec<Action>,
     ) {
@@ -1001,6 +1227,13 @@ impl Replica {
             return;
         }
         self.observe(h.stamp, store);
+        self.last_peer_write_us = Some(now_us);
+        if self.may_receive_early(h, body.len(), store) {
+            self.receive_early(*h, body, store, out);
+            return;
+        }
+        // Applied in arrival order: anything received earlier goes first.
+        self.apply_received(store, out);
         for i in 0..h.blocks as usize {
             let content = match h.kind {
                 Kind::Write => Content::Data(&body[i * BLOCK_BYTES..][..BLOCK_BYTES]),
@@ -1049,16 +1282,43 @@ impl Replica {
         store: &mut dyn BlockStore,
         out: &mut Vec<Action>,
     ) {
+        if h.flags & FLAG_RECEIVED != 0 {
+            // sync-received: at the peer and visible there; the client may have its ack. The
+            // write stays pending (window, dirty bits, reads) until the peer applied it.
+            if let Some(p) = self.pending.get_mut(&h.seq) {
+                if p.stamp == h.stamp && !p.client_acked {
+                    p.client_acked = true;
+                    out.push(Action::AckClient {
+                        id: p.id,
+                        stamp: p.stamp,
+                    });
+                }
+            }
+            return;
+        }
+        if let Some(p) = self.pending.get_mut(&h.seq) {
+            if p.is_async && p.stamp == h.stamp {
+                // Applied at the peer, not yet durable there: the lag counts it until a
+                // marker's DurableAck (§5: "counted to the peer's durable apply").
+                p.peer_applied = true;
+                self.send_lag_marker(now_us, out);
+                return;
+            }
+        }
         let Some(p) = self.take_pending(h) else {
             return;
         };
         for b in self.release_blocks(p.lba, p.blocks) {
-            store.clear_dirty(b);
+            if !self.received_blocks.contains_key(&b) {
+                store.clear_dirty(b);
+            }
         }
-        out.push(Action::AckClient {
-            id: p.id,
-            stamp: p.stamp,
-        });
+        if !p.client_acked {
+            out.push(Action::AckClient {
+                id: p.id,
+                stamp: p.stamp,
+            });
+        }
         self.after_progress(now_us, store, out);
     }
 
@@ -1100,6 +1360,7 @@ impl Replica {
             Some(srtt) => srtt - srtt / 8 + sample_us / 8,
         });
         self.counters.rtt_samples += 1;
+        self.last_rtt_sample_us = Some(now_us);
     }
 
     // ----- link and time -------------------------------------------------------------------
@@ -1124,7 +1385,8 @@ impl Replica {
         let due = |sent_us: u64| now_us.saturating_sub(sent_us) >= retransmit_after_us;
         let mut resend = Vec::new();
         for (seq, p) in self.pending.iter_mut() {
-            if due(p.last_sent_us) {
+            // An async write the peer applied waits for a marker, not for a resend.
+            if !p.peer_applied && due(p.last_sent_us) {
                 p.last_sent_us = now_us.max(1);
                 resend.push(*seq);
             }
@@ -1168,6 +1430,23 @@ impl Replica {
             self.send_resync_request(now_us, store, out);
         }
         self.pump_resync(now_us, store, out);
+        if let Some((seq, sent_us)) = self.lag_marker {
+            if due(sent_us) {
+                self.lag_marker = Some((seq, now_us));
+                out.push(Action::SendFrame(self.flush_marker(seq)));
+            }
+        }
+        if let Some(sw) = self.switch_out.as_mut() {
+            if due(sw.sent_us) {
+                sw.sent_us = now_us;
+                let (seq, to) = (sw.seq, sw.to);
+                out.push(Action::SendFrame(self.mode_switch_frame(seq, to)));
+            }
+        }
+        // Time alone can lift the async lag bound's age limit only through a DurableAck;
+        // the drain and the adaptive decision are time-driven.
+        self.drain_admission(now_us, store, out);
+        self.maybe_switch(now_us, out);
     }
 
     fn on_link_up(&mut self, now_us: u64, store: &mut dyn BlockStore, out: &mut Vec<Action>) {
@@ -1198,6 +1477,8 @@ impl Replica {
                 for seq in markers {
                     out.push(Action::SendFrame(self.flush_marker(seq)));
                 }
+                self.mode_announced = false;
+                self.maybe_switch(now_us, out);
                 // Dirty blocks no pending write covers are left from a link outage, or merged
                 // after a double crash: push them, and the apply rule at the peer keeps
                 // whichever version is newer. Untrusted blocks are never pushed: they are
@@ -1226,6 +1507,15 @@ impl Replica {
     fn on_link_down(&mut self, now_us: u64, store: &mut dyn BlockStore, out: &mut Vec<Action>) {
         self.link_up = false;
         self.heartbeats.clear();
+        self.last_rtt_sample_us = None;
+        // The peer may restart and lose what it applied but did not flush: every async
+        // write is sent again after the reconnect, and the marker with them.
+        self.lag_marker = None;
+        for p in self.pending.values_mut() {
+            p.peer_applied = false;
+            p.lag_marker = None;
+        }
+        self.switch_out = None;
         self.resync_out = None;
         self.loser_progress_us = None;
         self.settle_asked.clear();
@@ -1241,12 +1531,16 @@ impl Replica {
 
     fn ack_pending_alone(&mut self, out: &mut Vec<Action>) {
         for (_, p) in std::mem::take(&mut self.pending) {
+            if p.client_acked {
+                continue;
+            }
             self.counters.writes_acked_alone += 1;
             out.push(Action::AckClient {
                 id: p.id,
                 stamp: p.stamp,
             });
         }
+        self.lag_marker = None;
         self.block_pending.clear();
         self.inflight_bytes = 0;
     }
@@ -1260,6 +1554,9 @@ impl Replica {
         store: &mut dyn BlockStore,
         out: &mut Vec<Action>,
     ) {
+        // Received before the detach, and acknowledged as received: applied first, at either
+        // role (the peer's client may already have its ack).
+        self.apply_received(store, out);
         self.map.epoch = new_epoch;
         self.map.fenced_before = fenced_before;
         self.resync_out = None;
@@ -1298,13 +1595,17 @@ impl Replica {
             );
             self.map.role = Role::Loser;
             // Fenced: whatever these writes did here is settled by resync; the clients learn
-            // EIO and the request is never re-issued.
+            // EIO and the request is never re-issued. A write already acknowledged (received
+            // by the survivor under sync-received) is the survivor's to keep.
             for (_, p) in std::mem::take(&mut self.pending) {
-                out.push(Action::FailClient {
-                    id: p.id,
-                    error: ClientError::Io,
-                });
+                if !p.client_acked {
+                    out.push(Action::FailClient {
+                        id: p.id,
+                        error: ClientError::Io,
+                    });
+                }
             }
+            self.lag_marker = None;
             self.block_pending.clear();
             self.inflight_bytes = 0;
             for (_, f) in std::mem::take(&mut self.flushes) {
@@ -1314,6 +1615,8 @@ impl Replica {
                 });
             }
         }
+        // Alone or fenced, the policy's mode means nothing until the rejoin.
+        self.reset_mode();
         self.drain_admission(now_us, store, out);
         self.serve_reads(store, out);
         if self.map.role == Role::Loser && self.link_up {
@@ -1327,7 +1630,338 @@ impl Replica {
         self.map.role = Role::InSync;
         self.resync_out = None;
         self.loser_progress_us = None;
+        // Both start again from sync; the leader switches (and tells the peer) from there.
+        self.reset_mode();
         self.serve_reads(store, out);
+    }
+
+    // ----- ack policies (DESIGN.md §5; see `policy`) ----------------------------------------
+
+    /// The site that leads mode switches: the current async writer while it hands over to
+    /// the other site, else the policy's active site.
+    fn leader(&self) -> u8 {
+        match self.mode {
+            Mode::Async { active } if active != self.policy.active_site => active,
+            _ => self.policy.active_site,
+        }
+    }
+
+    /// This site is the one writer of `async`.
+    fn is_async_writer(&self) -> bool {
+        self.mode_known
+            && self.mode
+                == (Mode::Async {
+                    active: self.cfg.site,
+                })
+    }
+
+    /// The passive site of `async` refuses client I/O (§5): its copy lags by design. So does
+    /// a site whose policy names the other site the async writer, from the moment it learns
+    /// the policy (refusing is always safe; the switch follows).
+    fn refuses_io(&self) -> bool {
+        let passive_mode = self.mode_known
+            && matches!(self.mode, Mode::Async { active } if active != self.cfg.site);
+        let passive_policy =
+            self.policy.ack == AckPolicy::Async && self.policy.active_site != self.cfg.site;
+        passive_mode || passive_policy
+    }
+
+    /// Back to `sync` (start, detach, rejoin). A site that does not lead an async or
+    /// adaptive policy waits to hear the leader's mode before it serves.
+    fn reset_mode(&mut self) {
+        self.mode = match self.policy.ack {
+            AckPolicy::SyncReceived => Mode::SyncReceived,
+            _ => Mode::Sync,
+        };
+        let leads = self.leader() == self.cfg.site;
+        self.mode_known = self.map.role != Role::InSync
+            || leads
+            || matches!(self.policy.ack, AckPolicy::Sync | AckPolicy::SyncReceived);
+        self.mode_announced = false;
+        self.switch_out = None;
+        self.draining = false;
+        self.lag_marker = None;
+    }
+
+    fn set_mode(&mut self, mode: Mode) {
+        let was_known = self.mode_known;
+        self.mode_known = true;
+        if self.mode == mode && was_known {
+            return;
+        }
+        info!(
+            site = self.cfg.site,
+            from = self.mode.name(),
+            to = mode.name(),
+            ?mode,
+            "ack mode switched"
+        );
+        self.mode = mode;
+        self.counters.mode_switches += 1;
+    }
+
+    fn on_set_policy(
+        &mut self,
+        now_us: u64,
+        policy: Policy,
+        store: &mut dyn BlockStore,
+        out: &mut Vec<Action>,
+    ) {
+        if policy == self.policy {
+            return;
+        }
+        info!(site = self.cfg.site, ?policy, "ack policy changed");
+        self.policy = policy;
+        // Between sync and sync-received nothing needs agreeing: each write frame carries
+        // its origin's mode, so each site's stream switches at its own next seq.
+        if !matches!(self.mode, Mode::Async { .. }) {
+            match policy.ack {
+                AckPolicy::Sync => self.set_mode(Mode::Sync),
+                AckPolicy::SyncReceived => self.set_mode(Mode::SyncReceived),
+                AckPolicy::Async | AckPolicy::Adaptive => {}
+            }
+        }
+        self.drain_admission(now_us, store, out);
+        self.serve_reads(store, out);
+        self.maybe_switch(now_us, out);
+    }
+
+    /// Leader only: starts the switch to the mode the policy wants now, once the preconditions
+    /// hold. Leaving `async` (or handing it over) drains first: new writes wait until every
+    /// async write is durable at the peer, so the peer is never behind a site it does not
+    /// know is ahead.
+    fn maybe_switch(&mut self, now_us: u64, out: &mut Vec<Action>) {
+        if self.leader() != self.cfg.site
+            || self.map.role != Role::InSync
+            || !self.link_up
+            || self.switch_out.is_some()
+            || now_us < self.switch_retry_at_us
+            || !self.untrusted.is_empty()
+        {
+            return;
+        }
+        let fresh_rtt = self.rtt_us_smoothed.filter(|_| {
+            self.last_rtt_sample_us.is_some_and(|t| {
+                now_us.saturating_sub(t) <= 4 * self.cfg.heartbeat_interval_us.max(1)
+            })
+        });
+        let peer_quiet = self
+            .last_peer_write_us
+            .is_none_or(|t| now_us.saturating_sub(t) >= self.policy.single_writer_quiet_us);
+        let target = desired_mode(&self.policy, self.mode, fresh_rtt, peer_quiet);
+        if target == self.mode && self.mode_announced {
+            self.draining = false;
+            return;
+        }
+        if self.is_async_writer() && target != self.mode {
+            self.draining = true;
+            if !self.pending.is_empty() {
+                self.send_lag_marker(now_us, out);
+                return;
+            }
+        }
+        let seq = self.alloc_seq();
+        self.switch_out = Some(SwitchOut {
+            seq,
+            to: target,
+            sent_us: now_us,
+        });
+        out.push(Action::SendFrame(self.mode_switch_frame(seq, target)));
+    }
+
+    fn mode_switch_frame(&self, seq: u64, to: Mode) -> Frame {
+        let mut h = self.header(Kind::ModeSwitch);
+        h.seq = seq;
+        h.lba = to.encode();
+        Frame::new(h, Vec::new())
+    }
+
+    /// The peer leads a switch. Into `async` with the peer as writer, this site must stop
+    /// writing: it refuses while a write of its own is in flight or queued, and under
+    /// `adaptive` while it wrote within the quiet period (one site alone writes, §5).
+    fn on_mode_switch(
+        &mut self,
+        now_us: u64,
+        h: &Header,
+        store: &mut dyn BlockStore,
+        out: &mut Vec<Action>,
+    ) {
+        let Some(to) = Mode::decode(h.lba) else {
+            self.counters.frames_foreign += 1;
+            return;
+        };
+        if self.map.role != Role::InSync || h.accept_epoch != self.map.epoch {
+            return;
+        }
+        let mut reply = self.reply(Kind::ModeSwitchAck, h);
+        let becomes_passive = matches!(to, Mode::Async { active } if active != self.cfg.site);
+        let wrote_recently = self
+            .last_local_write_us
+            .is_some_and(|t| now_us.saturating_sub(t) < self.policy.single_writer_quiet_us);
+        let refuse = becomes_passive
+            && (!self.pending.is_empty()
+                || !self.admission.is_empty()
+                || (self.policy.ack == AckPolicy::Adaptive && wrote_recently));
+        if refuse {
+            reply.header.flags |= FLAG_REFUSED;
+            out.push(Action::SendFrame(reply));
+            return;
+        }
+        self.set_mode(to);
+        out.push(Action::SendFrame(reply));
+        self.drain_admission(now_us, store, out);
+        self.serve_reads(store, out);
+    }
+
+    fn on_mode_switch_ack(
+        &mut self,
+        now_us: u64,
+        h: &Header,
+        store: &mut dyn BlockStore,
+        out: &mut Vec<Action>,
+    ) {
+        let Some(sw) = self.switch_out.take_if(|sw| sw.seq == h.seq) else {
+            return;
+        };
+        if h.flags & FLAG_REFUSED != 0 {
+            self.counters.mode_switches_refused += 1;
+            self.switch_retry_at_us = now_us + 4 * self.cfg.retransmit_after_us;
+            self.draining = false;
+            info!(
+                site = self.cfg.site,
+                to = sw.to.name(),
+                "the peer refused the mode switch"
+            );
+            self.after_progress(now_us, store, out);
+            return;
+        }
+        self.set_mode(sw.to);
+        self.mode_announced = true;
+        self.draining = false;
+        self.after_progress(now_us, store, out);
+    }
+
+    /// `async`: asks the peer to make durable every write it has applied so far (a
+    /// FlushMarker); its DurableAck releases them from the lag.
+    fn send_lag_marker(&mut self, now_us: u64, out: &mut Vec<Action>) {
+        if self.lag_marker.is_some() || !self.link_up {
+            return;
+        }
+        let covered: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.is_async && p.peer_applied && p.lag_marker.is_none())
+            .map(|(seq, _)| *seq)
+            .collect();
+        if covered.is_empty() {
+            return;
+        }
+        let seq = self.alloc_seq();
+        for c in covered {
+            if let Some(p) = self.pending.get_mut(&c) {
+                p.lag_marker = Some(seq);
+            }
+        }
+        self.lag_marker = Some((seq, now_us));
+        out.push(Action::SendFrame(self.flush_marker(seq)));
+    }
+
+    /// `async`: the peer made durable every write covered by marker `seq`.
+    fn release_durable(&mut self, seq: u64, store: &mut dyn BlockStore) {
+        self.lag_marker = None;
+        let done: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.lag_marker == Some(seq))
+            .map(|(s, _)| *s)
+            .collect();
+        for s in done {
+            if let Some(p) = self.pending.remove(&s) {
+                self.inflight_bytes -= p.wire_bytes;
+                for b in self.release_blocks(p.lba, p.blocks) {
+                    if !self.received_blocks.contains_key(&b) {
+                        store.clear_dirty(b);
+                    }
+                }
+            }
+        }
+    }
+
+    /// `sync-received`: a received mutation may be acknowledged before its apply when its
+    /// origin asks for it, it is not FUA (durable before the ack), this site is in sync and
+    /// settled for its blocks, and the queue has room. Otherwise it is applied first.
+    fn may_receive_early(&self, h: &Header, body_bytes: usize, store: &dyn BlockStore) -> bool {
+        h.flags & FLAG_ACK_ON_RECEIVE != 0
+            && h.flags & FLAG_FUA == 0
+            && self.map.role == Role::InSync
+            && self.received_bytes + body_bytes <= self.cfg.receive_queue_bytes_max
+            && !(h.lba..h.lba + u64::from(h.blocks)).any(|b| self.untrusted.contains_key(&b))
+            && h.lba + u64::from(h.blocks) <= store.blocks()
+    }
+
+    /// Queues a received mutation and acknowledges its receipt. Its blocks are dirty from
+    /// now on: the activity log covers it if this site crashes before the apply (the origin
+    /// keeps it pending until the apply is acknowledged, and a restart settles the blocks
+    /// from the origin), and reads here wait for the apply, so a read that starts after the
+    /// origin's ack sees the write (invariant 4).
+    fn receive_early(
+        &mut self,
+        header: Header,
+        body: Vec<u8>,
+        store: &mut dyn BlockStore,
+        out: &mut Vec<Action>,
+    ) {
+        for b in header.lba..header.lba + u64::from(header.blocks) {
+            if !store.is_dirty(b) && self.cfg.fault != Fault::ReceivedNotVisible {
+                store.mark_dirty(b);
+            }
+            *self.received_blocks.entry(b).or_insert(0) += 1;
+        }
+        self.received_bytes += body.len();
+        self.counters.writes_received_early += 1;
+        let mut ack = self.reply(Kind::WriteAck, &header);
+        ack.header.flags |= FLAG_RECEIVED;
+        out.push(Action::SendFrame(ack));
+        self.received.push_back(Received { header, body });
+        if !self.apply_requested {
+            self.apply_requested = true;
+            out.push(Action::ApplyReceived);
+        }
+    }
+
+    /// Applies every queued received mutation, in order, and acknowledges each apply.
+    fn apply_received(&mut self, store: &mut dyn BlockStore, out: &mut Vec<Action>) {
+        self.apply_requested = false;
+        while let Some(Received { header: h, body }) = self.received.pop_front() {
+            self.received_bytes -= body.len();
+            for i in 0..h.blocks as usize {
+                let lba = h.lba + i as u64;
+                let content = match h.kind {
+                    Kind::Write => Content::Data(&body[i * BLOCK_BYTES..][..BLOCK_BYTES]),
+                    _ => Content::Zero,
+                };
+                self.apply_from_peer(store, lba, content, h.stamp, Source::Write);
+                if let Some(count) = self.received_blocks.get_mut(&lba) {
+                    *count -= 1;
+                    if *count == 0 {
+                        self.received_blocks.remove(&lba);
+                        // Clean once nothing else keeps it dirty: a local write waiting for
+                        // the peer, an unsettled crash, or a push to the peer in progress.
+                        let pushing = self.resync_out.as_ref().is_some_and(|r| {
+                            r.to_send.contains(&lba) || r.in_flight.contains_key(&lba)
+                        });
+                        if self.map.role == Role::InSync
+                            && !self.waits_on(lba)
+                            && !self.untrusted.contains_key(&lba)
+                            && !pushing
+                        {
+                            store.clear_dirty(lba);
+                        }
+                    }
+                }
+            }
+            out.push(Action::SendFrame(self.reply(Kind::WriteAck, &h)));
+        }
     }
 
     // ----- resync --------------------------------------------------------------------------
@@ -1584,7 +2218,7 @@ impl Replica {
             // only by a peer write (which the peer has) or by a local write still pending
             // (whose own ack cleans the block), so it is clean unless a local write waits
             // or our copy was itself untrusted.
-            if !self.block_pending.contains_key(&h.lba) && !untrusted {
+            if !self.waits_on(h.lba) && !untrusted {
                 store.clear_dirty(h.lba);
             }
         }

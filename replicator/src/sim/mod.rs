@@ -35,7 +35,7 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use stretch_engine::BLOCK_SIZE;
 
-use crate::core::{Action, ClientOpId, Config, Event, Fault, MapView, Replica, Role};
+use crate::core::{AckPolicy, Action, ClientOpId, Config, Event, Fault, MapView, Replica, Role};
 use crate::frame::{Frame, Kind, RejectCounters, HEADER_BYTES};
 use crate::stamp::SiteId;
 
@@ -73,6 +73,9 @@ pub struct SimOptions {
     pub auto: bool,
     pub fault: Fault,
     pub trace: bool,
+    /// The volume's ack policy: `sync`, or `sync-received` (whose receive queue is applied
+    /// in a later step, so crashes land between a receipt's ack and its apply).
+    pub ack_policy: AckPolicy,
 }
 
 impl SimOptions {
@@ -98,13 +101,14 @@ impl SimOptions {
             auto: false,
             fault: Fault::None,
             trace: false,
+            ack_policy: AckPolicy::Sync,
         }
     }
 
     pub fn from_seed(seed: u64) -> SimOptions {
         let mut rng = SmallRng::seed_from_u64(seed ^ 0x0B7E_C7ED_5EED);
         let delay_min = rng.random_range(50..2_000);
-        SimOptions {
+        let mut opts = SimOptions {
             volume_blocks: rng.random_range(4..16),
             chaos_us: rng.random_range(300_000..1_200_000),
             liveness_us: 5_000_000,
@@ -127,7 +131,13 @@ impl SimOptions {
             auto: true,
             fault: Fault::None,
             trace: false,
+            ack_policy: AckPolicy::Sync,
+        };
+        // Drawn last, so every other option of a seed is what it was before policies existed.
+        if rng.random_ratio(1, 2) {
+            opts.ack_policy = AckPolicy::SyncReceived;
         }
+        opts
     }
 }
 
@@ -174,6 +184,8 @@ pub struct SimReport {
     pub blocks_lost: u64,
     pub blocks_settled: u64,
     pub flushes_done: u64,
+    /// `sync-received`: writes acknowledged as received before their apply.
+    pub received_early: u64,
 }
 
 #[derive(Debug)]
@@ -190,6 +202,9 @@ enum Ev {
     Partition(bool),
     Crash(SiteId),
     Restart(SiteId),
+    /// `sync-received`: the site's receive queue is applied (if the site still runs the same
+    /// incarnation).
+    ApplyReceived(SiteId, u64),
 }
 
 struct Site {
@@ -312,6 +327,7 @@ impl World {
         cfg.resync_blocks_in_flight_max = 3;
         cfg.resync_request_lbas_max = 3;
         cfg.heartbeats_outstanding_max = 4;
+        cfg.policy.ack = self.opts.ack_policy;
         cfg
     }
 
@@ -394,6 +410,7 @@ impl World {
             r.frames_fenced += c.mutations_fenced;
             r.blocks_settled += c.blocks_settled;
             r.flushes_done += c.flushes_done;
+            r.received_early += c.writes_received_early;
         }
         r
     }
@@ -671,6 +688,12 @@ impl World {
                 self.rejoin_ready = Some(epoch);
                 Ok(())
             }
+            Action::ApplyReceived => {
+                let delay_us = self.rng.random_range(0..2_000);
+                let life = self.sites[usize::from(site)].incarnation;
+                self.schedule(delay_us, Ev::ApplyReceived(site, life));
+                Ok(())
+            }
         };
         result.map_err(|m| self.fail(m))
     }
@@ -871,6 +894,11 @@ impl World {
             Ev::Partition(on) => self.set_partition(on)?,
             Ev::Crash(site) => self.crash(site)?,
             Ev::Restart(site) => self.restart(site)?,
+            Ev::ApplyReceived(site, life) => {
+                if self.sites[usize::from(site)].incarnation == life {
+                    self.step_site(site, Event::ApplyReceived)?;
+                }
+            }
         }
         self.control_plane()?;
         self.check_invariants()?;
@@ -963,7 +991,12 @@ impl World {
                     continue;
                 }
                 let need = self.checker.required_stamp(lba);
-                let have = crate::core::BlockStore::stamp(store, lba);
+                // sync-received: a write received and acknowledged as received counts where
+                // it waits to be applied (it is lost with the process, and then the block is
+                // in the activity log and untrusted).
+                let stored = crate::core::BlockStore::stamp(store, lba);
+                let received = s.replica.as_ref().and_then(|r| r.received_stamp(lba));
+                let have = received.map_or(stored, |r| r.max(stored));
                 if have < need {
                     return Err(self.fail(format!(
                         "invariant 2/5: site {site} ({:?}) block {lba} has {have:?}, an acknowledged \
