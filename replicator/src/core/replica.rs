@@ -2114,6 +2114,17 @@ impl Replica {
         if !self.link_up {
             return;
         }
+        // A copy is this site's current version: writes received and acked as received go
+        // in first, or a copy could carry an older version than one this site acknowledged
+        // (the simulator found a restarted origin settling on exactly that).
+        if !self.received.is_empty()
+            && self
+                .resync_out
+                .as_ref()
+                .is_some_and(|r| !r.to_send.is_empty())
+        {
+            self.apply_received(store, out);
+        }
         let limit = self.cfg.resync_blocks_in_flight_max;
         let header = self.header(Kind::ResyncBlock);
         let untrusted = &self.untrusted;
