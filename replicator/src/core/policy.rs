@@ -54,6 +54,10 @@ impl AckPolicy {
     }
 }
 
+/// `adaptive`: after a switch, the next one waits at least this long (a burst of RTT
+/// samples must not flap the mode).
+pub(crate) const ADAPTIVE_DWELL_US: u64 = 1_000_000;
+
 /// A volume's policy with its bounds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Policy {
@@ -141,8 +145,9 @@ pub(crate) fn desired_mode(
         AckPolicy::SyncReceived => Mode::SyncReceived,
         AckPolicy::Async => Mode::Async { active },
         AckPolicy::Adaptive => match (current, rtt_us) {
-            // Back to sync once under the limit (the drain happens before the switch).
-            (Mode::Async { .. }, Some(rtt)) if rtt <= policy.sync_rtt_max_us => Mode::Sync,
+            // Back to sync once under the limit (the drain happens before the switch), with
+            // a 10% band so an RTT hovering at the limit does not flap between the modes.
+            (Mode::Async { .. }, Some(rtt)) if rtt <= policy.sync_rtt_max_us / 10 * 9 => Mode::Sync,
             // Without a fresh sample the link may be failing: stay where we are, and never
             // enter async.
             (Mode::Async { .. }, _) => Mode::Async { active },
@@ -191,7 +196,8 @@ mod tests {
             ..Policy::default()
         };
         let high = Some(p.sync_rtt_max_us + 1);
-        let low = Some(p.sync_rtt_max_us);
+        let low = Some(p.sync_rtt_max_us / 10 * 9);
+        let at_limit = Some(p.sync_rtt_max_us);
         let async0 = Mode::Async { active: 0 };
         assert_eq!(desired_mode(&p, Mode::Sync, high, true), async0);
         // The peer writes too: both sites write, so sync.
@@ -201,6 +207,9 @@ mod tests {
         assert_eq!(desired_mode(&p, Mode::Sync, low, true), Mode::Sync);
         // In async: back to sync under the limit; stay without a sample.
         assert_eq!(desired_mode(&p, async0, low, true), Mode::Sync);
+        // Inside the band: no flapping either way.
+        assert_eq!(desired_mode(&p, Mode::Sync, at_limit, true), Mode::Sync);
+        assert_eq!(desired_mode(&p, async0, at_limit, true), async0);
         assert_eq!(desired_mode(&p, async0, None, true), async0);
         assert_eq!(desired_mode(&p, async0, high, false), async0);
     }

@@ -410,8 +410,10 @@ fn adaptive_switches_on_measured_rtt_and_back() {
     slow(&mut p, 300_000);
     assert_eq!(p.r[0].mode(), Some(Mode::Async { active: 0 }));
     assert_eq!(p.r[1].mode(), Some(Mode::Async { active: 0 }));
-    // Fast again: back to sync.
+    // Fast again: back to sync, after the dwell that keeps adaptive from flapping.
     p.run_us(400_000);
+    assert_eq!(p.r[0].mode(), Some(Mode::Async { active: 0 }), "dwelling");
+    p.run_us(1_000_000);
     assert_eq!(p.r[0].mode(), Some(Mode::Sync));
     assert_eq!(p.r[1].mode(), Some(Mode::Sync));
     assert_eq!(p.r[0].counters().mode_switches, 2);

@@ -58,7 +58,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use stretch_engine::{Stamp, BLOCK_SIZE};
 use tracing::{info, warn};
 
-use super::policy::desired_mode;
+use super::policy::{desired_mode, ADAPTIVE_DWELL_US};
 use super::{
     AckPolicy, Action, BlockStore, ClientError, ClientOpId, Config, Content, Event, Fault, MapView,
     Mode, Policy, Role,
@@ -1712,6 +1712,8 @@ impl Replica {
         }
         info!(site = self.cfg.site, ?policy, "ack policy changed");
         self.policy = policy;
+        // An operator's change takes effect now, not after a dwell or a refusal's back-off.
+        self.switch_retry_at_us = 0;
         // Between sync and sync-received nothing needs agreeing: each write frame carries
         // its origin's mode, so each site's stream switches at its own next seq.
         if !matches!(self.mode, Mode::Async { .. }) {
@@ -1735,7 +1737,6 @@ impl Replica {
             || self.map.role != Role::InSync
             || !self.link_up
             || self.switch_out.is_some()
-            || now_us < self.switch_retry_at_us
             || !self.untrusted.is_empty()
         {
             return;
@@ -1751,6 +1752,11 @@ impl Replica {
         let target = desired_mode(&self.policy, self.mode, fresh_rtt, peer_quiet);
         if target == self.mode && self.mode_announced {
             self.draining = false;
+            return;
+        }
+        // A real change waits out a refusal's back-off and adaptive's dwell; telling the
+        // peer the mode in force (after a reconnect) never waits.
+        if target != self.mode && now_us < self.switch_retry_at_us {
             return;
         }
         if self.is_async_writer() && target != self.mode {
@@ -1835,9 +1841,13 @@ impl Replica {
             self.after_progress(now_us, store, out);
             return;
         }
+        let changed = self.mode != sw.to;
         self.set_mode(sw.to);
         self.mode_announced = true;
         self.draining = false;
+        if changed && self.policy.ack == AckPolicy::Adaptive {
+            self.switch_retry_at_us = now_us + ADAPTIVE_DWELL_US;
+        }
         self.after_progress(now_us, store, out);
     }
 
