@@ -10,8 +10,12 @@
 //!   16-byte stamp in hex, and whether it may differ from the peer right now. A block that
 //!   fails its checksum is reported `"state": "unreadable"` instead of failing the call.
 //!
-//! Repair (`POST /v1/repair`) is not offered yet: it needs `ReplicatedVolume::repair_blocks`,
-//! which the replicator does not have yet.
+//! - `POST /v1/repair {"lbas": [N, ...], "ranges": [[FIRST, COUNT], ...], "force": false}`
+//!   (at most 4096 blocks in all): repairs the blocks at this site from the peer, which must
+//!   be in sync at the current epoch (`ReplicatedVolume::repair_blocks`, DESIGN.md §4
+//!   "Repair"). Each block takes the peer's version if it fails its checksum here or the
+//!   peer's stamp is greater; `force` also takes an equal stamp (`verify --repair --from`).
+//!   409 if this site is not in sync with its peer, or a block could not be repaired.
 //!
 //! Every request is bounded: the HTTP server limits header and body bytes (1 MiB), the time
 //! to send a request and the connections served at once; this module limits the blocks per
@@ -34,6 +38,8 @@ use crate::progress::{Progress, ResyncMonitor};
 pub(crate) const API_VERSION: u32 = 1;
 /// Blocks one `GET /v1/blocks` may ask for (16 MiB of data read, ~400 KiB of JSON).
 pub(crate) const BLOCKS_PER_CALL_MAX: u64 = 4096;
+/// Blocks one `POST /v1/repair` may name (the same bound: one verify batch at most).
+pub(crate) const REPAIR_BLOCKS_PER_CALL_MAX: u64 = 4096;
 const BLOCK_BYTES: u64 = BLOCK_SIZE as u64;
 
 /// What the control plane knows and the status reports: filled by the witness integration.
@@ -155,6 +161,9 @@ impl AdminState {
                 "rtt_us_smoothed": stats.rtt_us_smoothed,
                 "dirty_blocks": stats.dirty_blocks,
                 "untrusted_blocks": stats.untrusted_blocks,
+                // Blocks that fail their checksum here and could not be copied to the peer
+                // (DESIGN.md §4 "Repair"): a survivor's resync waits on them.
+                "unrecoverable_blocks": stats.unrecoverable_blocks,
                 "lag_bytes": stats.lag_bytes,
                 "lag_us": stats.lag_us,
                 "policy": stats.policy.ack.name(),
@@ -226,6 +235,12 @@ fn driver_json(s: &DriverStats) -> Value {
             "settle_requests_sent": c.settle_requests_sent,
             "flushes_done": c.flushes_done,
             "durable_acks_sent": c.durable_acks_sent,
+            "blocks_repaired": c.blocks_repaired,
+            "repair_requests_sent": c.repair_requests_sent,
+            "repairs_failed": c.repairs_failed,
+            "repair_refusals_sent": c.repair_refusals_sent,
+            "reads_failed_unreadable": c.reads_failed_unreadable,
+            "copies_withheld_unreadable": c.copies_withheld_unreadable,
         },
     })
 }
@@ -472,6 +487,107 @@ async fn set_policy(state: &AdminState, req: &Request) -> Result<Response, Respo
     ))
 }
 
+/// The blocks a repair body names: `lbas` and `ranges` together, each at most
+/// [`REPAIR_BLOCKS_PER_CALL_MAX`] in all, within the volume.
+fn repair_lbas(body: &Value, blocks_total: u64) -> Result<Vec<u64>, String> {
+    let mut lbas = std::collections::BTreeSet::new();
+    let too_many = || format!("name at most {REPAIR_BLOCKS_PER_CALL_MAX} blocks per call");
+    let in_volume = |lba: u64| {
+        if lba < blocks_total {
+            Ok(lba)
+        } else {
+            Err(format!(
+                "block {lba} is beyond the volume's {blocks_total} blocks"
+            ))
+        }
+    };
+    if let Some(list) = body.get("lbas") {
+        let list = list
+            .as_array()
+            .ok_or("lbas must be an array of block numbers")?;
+        if list.len() as u64 > REPAIR_BLOCKS_PER_CALL_MAX {
+            return Err(too_many());
+        }
+        for v in list {
+            let lba = v.as_u64().ok_or("lbas must be non-negative integers")?;
+            lbas.insert(in_volume(lba)?);
+        }
+    }
+    if let Some(ranges) = body.get("ranges") {
+        let ranges = ranges
+            .as_array()
+            .ok_or("ranges must be an array of [first, count] pairs")?;
+        for r in ranges {
+            let pair = r.as_array().filter(|p| p.len() == 2);
+            let (Some(first), Some(count)) = (
+                pair.and_then(|p| p[0].as_u64()),
+                pair.and_then(|p| p[1].as_u64()),
+            ) else {
+                return Err("ranges must be an array of [first, count] pairs".into());
+            };
+            if count > REPAIR_BLOCKS_PER_CALL_MAX
+                || lbas.len() as u64 + count > REPAIR_BLOCKS_PER_CALL_MAX
+            {
+                return Err(too_many());
+            }
+            if count > 0 {
+                in_volume(first.saturating_add(count - 1))?;
+            }
+            lbas.extend(first..first + count);
+        }
+    }
+    if lbas.len() as u64 > REPAIR_BLOCKS_PER_CALL_MAX {
+        return Err(too_many());
+    }
+    if lbas.is_empty() {
+        return Err("name the blocks to repair: {\"lbas\": [N, ...]} or {\"ranges\": [[FIRST, COUNT], ...]}".into());
+    }
+    Ok(lbas.into_iter().collect())
+}
+
+/// `POST /v1/repair`: see the module documentation.
+async fn repair(state: &AdminState, req: &Request) -> Result<Response, Response> {
+    let body: Value = serde_json::from_slice(&req.body)
+        .map_err(|e| Response::error(400, format!("body is not JSON: {e}")))?;
+    let blocks_total = state.device.size_bytes() / BLOCK_BYTES;
+    let lbas = repair_lbas(&body, blocks_total).map_err(|m| Response::error(400, m))?;
+    let force = match body.get("force") {
+        None => false,
+        Some(v) => v
+            .as_bool()
+            .ok_or_else(|| Response::error(400, "force must be true or false"))?,
+    };
+    let stats = state.device.driver_stats();
+    if stats.role != Some(Role::InSync) || !stats.link_up {
+        return Err(Response::error(
+            409,
+            format!(
+                "site {} is {} with the link {}: repair takes data only from a peer in sync at the current epoch",
+                state.site_name,
+                role_name(stats.role),
+                if stats.link_up { "up" } else { "down" }
+            ),
+        ));
+    }
+    match state.device.repair_blocks(&lbas, force).await {
+        // Each block now holds the version the repair rule keeps: the peer's, or its own if
+        // that was as new (`replication.blocks_repaired` in the status counts replacements).
+        Ok(()) => Ok(Response::json(
+            200,
+            json!({
+                "api_version": API_VERSION,
+                "site": state.site_name,
+                "blocks": lbas.len(),
+                "force": force,
+            }),
+        )),
+        Err(e) => Err(Response::error(
+            409,
+            format!("repair at site {}: {e}", state.site_name),
+        )),
+    }
+}
+
 async fn route(state: Arc<AdminState>, req: Request) -> Response {
     let path = req.path().trim_end_matches('/');
     let result = match (req.method.as_str(), path) {
@@ -479,10 +595,10 @@ async fn route(state: Arc<AdminState>, req: Request) -> Response {
         ("GET", "/v1/blocks") => blocks(&state, &req).await,
         ("POST", "/v1/detach") => detach(&state, &req).await,
         ("POST", "/v1/policy") => set_policy(&state, &req).await,
-        (_, "/v1/status" | "/v1/blocks" | "/v1/detach" | "/v1/policy") => Err(Response::error(
-            405,
-            format!("{} is not allowed on {path}", req.method),
-        )),
+        ("POST", "/v1/repair") => repair(&state, &req).await,
+        (_, "/v1/status" | "/v1/blocks" | "/v1/detach" | "/v1/policy" | "/v1/repair") => Err(
+            Response::error(405, format!("{} is not allowed on {path}", req.method)),
+        ),
         _ => Err(Response::error(404, format!("no route {path}"))),
     };
     result.unwrap_or_else(|e| e)

@@ -91,6 +91,13 @@ impl AdminClient {
         }
     }
 
+    /// `POST /v1/repair`: repairs `lbas` at this site from its in-sync peer (`force`: take an
+    /// equal stamp too). At most `REPAIR_BLOCKS_PER_CALL_MAX` blocks.
+    pub(crate) async fn repair(&self, lbas: &[u64], force: bool) -> anyhow::Result<()> {
+        let body = serde_json::json!({ "lbas": lbas, "force": force });
+        self.post("/v1/repair", &body).await.map(drop)
+    }
+
     /// `GET /v1/blocks`: exactly `count` blocks from `lba`, in order.
     pub(crate) async fn blocks(&self, lba: u64, count: u64) -> anyhow::Result<Vec<BlockEntry>> {
         let body = self

@@ -9,10 +9,19 @@
 //! does not starve its clients.
 //!
 //! Exit status: 0 identical, 1 differences remain, 2 the comparison could not be made (a site
-//! unreachable, different volumes or sizes, a bad reply).
+//! unreachable, different volumes or sizes, a bad reply, `--repair` refused).
 //!
-//! `--repair` is not offered yet: it needs `ReplicatedVolume::repair_blocks` in the
-//! replicator, which does not exist yet.
+//! `--repair` (DESIGN.md §4 "Repair") repairs each batch's differences as they are found,
+//! through the site's `POST /v1/repair`, and reads the repaired blocks again to report the
+//! result. Both sites must be in sync at the same epoch, linked, with no resync running and
+//! nothing unsettled; otherwise it refuses. Which side is repaired (see [`plan`]):
+//! - a block that fails its checksum at one site takes the other site's good copy;
+//! - a stamp difference: the site with the smaller stamp takes the peer's version, the one
+//!   the apply rule keeps at both;
+//! - equal stamps over different data: which copy is right cannot be known; it is reported
+//!   and repaired only with `--from SITE` (the other site takes SITE's copy);
+//! - unreadable at both sites, or a block still dirty (resync pending): reported, not
+//!   repaired.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -55,6 +64,14 @@ pub struct VerifyArgs {
     /// Read at most this many MiB/s at each site.
     #[arg(long, default_value_t = 256.0)]
     pub rate_mib_s: f64,
+    /// Repair the differences from the in-sync peer (both sites must be in sync at the same
+    /// epoch), then read the repaired blocks again and report the result.
+    #[arg(long)]
+    pub repair: bool,
+    /// With --repair: for blocks with equal stamps but different data, keep this site's copy
+    /// (a or b). Without it such blocks are only reported.
+    #[arg(long = "from", value_name = "SITE", requires = "repair")]
+    pub from: Option<String>,
 }
 
 /// Why `stretch verify` exits non-zero; main turns it into the exit status.
@@ -104,6 +121,160 @@ fn difference(a: &BlockEntry, b: &BlockEntry) -> Option<String> {
         (false, true) => Some("stamp differs (same data)".into()),
         (true, true) => Some("data and stamp differ".into()),
     }
+}
+
+/// What `--repair` does about one differing block.
+#[derive(Debug, PartialEq, Eq)]
+enum Plan {
+    /// The first site (`at_first`) or the second pulls the other's copy; `force` takes an
+    /// equal stamp too.
+    Pull {
+        at_first: bool,
+        force: bool,
+    },
+    Skip(&'static str),
+}
+
+/// Which side of a difference is repaired (module documentation); `from` is the `--from`
+/// site name and `names` the two sites' names.
+fn plan(a: &BlockEntry, b: &BlockEntry, from: Option<&str>, names: (&str, &str)) -> Plan {
+    if a.dirty || b.dirty {
+        return Plan::Skip("resync pending (dirty): run verify again once it settles");
+    }
+    let unreadable = |e: &BlockEntry| e.state != "ok" || e.crc32.is_none();
+    match (unreadable(a), unreadable(b)) {
+        (true, true) => return Plan::Skip("unreadable at both sites: no good copy to repair from"),
+        (true, false) => {
+            return Plan::Pull {
+                at_first: true,
+                force: false,
+            }
+        }
+        (false, true) => {
+            return Plan::Pull {
+                at_first: false,
+                force: false,
+            }
+        }
+        (false, false) => {}
+    }
+    if a.stamp != b.stamp {
+        // Equal-length lowercase hex of big-endian stamps: string order is stamp order.
+        return Plan::Pull {
+            at_first: a.stamp < b.stamp,
+            force: false,
+        };
+    }
+    match from {
+        Some(site) if site == names.0 => Plan::Pull {
+            at_first: false,
+            force: true,
+        },
+        Some(site) if site == names.1 => Plan::Pull {
+            at_first: true,
+            force: true,
+        },
+        _ => Plan::Skip(
+            "SAME STAMP, DIFFERENT DATA: which copy is right is unknown; give --from SITE to keep one",
+        ),
+    }
+}
+
+/// Totals of `--repair`.
+#[derive(Debug, Default)]
+struct RepairTotals {
+    /// Blocks that differ no longer after their repair.
+    repaired: u64,
+    /// Blocks a repair was tried for that still differ.
+    failed: u64,
+    /// Blocks not repaired (see [`Plan::Skip`]).
+    skipped: u64,
+}
+
+/// Repairs one batch's differences, then reads the repaired blocks again.
+async fn repair_batch(
+    a: &Side,
+    b: &Side,
+    differences: &BTreeMap<u64, (BlockEntry, BlockEntry)>,
+    from: Option<&str>,
+    totals: &mut RepairTotals,
+) -> anyhow::Result<()> {
+    let mut pulls: BTreeMap<(bool, bool), Vec<u64>> = BTreeMap::new();
+    for (lba, (ea, eb)) in differences {
+        match plan(ea, eb, from, (&a.name, &b.name)) {
+            Plan::Pull { at_first, force } => {
+                pulls.entry((at_first, force)).or_default().push(*lba)
+            }
+            Plan::Skip(why) => {
+                totals.skipped += 1;
+                println!("lba {lba}: not repaired: {why}");
+            }
+        }
+    }
+    let mut attempted = BTreeMap::new();
+    for ((at_first, force), lbas) in &pulls {
+        let (to, source) = if *at_first { (a, b) } else { (b, a) };
+        match to.client.repair(lbas, *force).await {
+            Ok(()) => println!(
+                "repair: {} block(s) at site {} from site {}{}",
+                lbas.len(),
+                to.name,
+                source.name,
+                if *force { " (forced: --from)" } else { "" }
+            ),
+            // Reported, and counted below when the blocks are read again.
+            Err(err) => println!(
+                "repair: {} block(s) at site {} from site {} failed: {err:#}",
+                lbas.len(),
+                to.name,
+                source.name
+            ),
+        }
+        for lba in lbas {
+            if let Some(entries) = differences.get(lba) {
+                attempted.insert(*lba, entries.clone());
+            }
+        }
+    }
+    let tried = attempted.len() as u64;
+    let still = recheck(a, b, attempted).await?;
+    for (lba, (ea, eb)) in &still {
+        println!(
+            "lba {lba}: still differs after repair: {}",
+            difference(ea, eb).unwrap_or_default()
+        );
+    }
+    totals.failed += still.len() as u64;
+    totals.repaired += tried - still.len() as u64;
+    Ok(())
+}
+
+/// `--repair` needs both sites in sync at the same epoch, linked, settled and not resyncing.
+fn check_repairable(statuses: [(&serde_json::Value, &str); 2]) -> anyhow::Result<()> {
+    let mut epochs = Vec::new();
+    for (status, addr) in statuses {
+        let r = &status["replication"];
+        let site = status["site"].as_str().unwrap_or("?");
+        if r["role"] != "in-sync" || r["link_up"] != true {
+            bail!(
+                "--repair refused: site {site} ({addr}) is {} with the link {}; repair takes data only from a peer in sync at the current epoch",
+                r["role"].as_str().unwrap_or("?"),
+                if r["link_up"] == true { "up" } else { "down" }
+            );
+        }
+        if status["resync"]["active"] == true || r["untrusted_blocks"].as_u64() != Some(0) {
+            bail!("--repair refused: site {site} ({addr}) is resyncing or settling; run it once `stretch status` shows no resync");
+        }
+        epochs.push(r["epoch"].as_u64());
+    }
+    if epochs[0] != epochs[1] || epochs[0].is_none() {
+        bail!(
+            "--repair refused: the sites report different epochs ({:?} and {:?})",
+            epochs[0],
+            epochs[1]
+        );
+    }
+    Ok(())
 }
 
 /// "epoch 1, hlc 1712345678901234, origin a" for a stamp's hex, or the hex alone if it does
@@ -243,6 +414,18 @@ async fn verify(args: VerifyArgs) -> anyhow::Result<u64> {
             a.name
         );
     }
+    if let Some(from) = &args.from {
+        if from != &a.name && from != &b.name {
+            bail!(
+                "--from {from:?} names neither site ({} nor {})",
+                a.name,
+                b.name
+            );
+        }
+    }
+    if args.repair {
+        check_repairable([(&sa, &a.client.addr), (&sb, &b.client.addr)])?;
+    }
     let blocks_total = size_a / BLOCK_BYTES;
     eprintln!(
         "verify {}: {blocks_total} blocks, site {} ({}) against site {} ({})",
@@ -254,6 +437,7 @@ async fn verify(args: VerifyArgs) -> anyhow::Result<u64> {
     let mut done_blocks = 0u64;
     let mut differing = 0u64;
     let mut differing_dirty = 0u64;
+    let mut repairs = RepairTotals::default();
     let mut lba = 0u64;
     // One pass over the volume, one batch per iteration: bounded by the volume's size.
     while lba < blocks_total {
@@ -305,6 +489,9 @@ async fn verify(args: VerifyArgs) -> anyhow::Result<u64> {
                 );
             }
         }
+        if args.repair && !remaining.is_empty() {
+            repair_batch(&a, &b, &remaining, args.from.as_deref(), &mut repairs).await?;
+        }
         lba += count;
         done_blocks += count;
         // Throttle: a batch may take no less than its bytes at the chosen rate.
@@ -320,8 +507,13 @@ async fn verify(args: VerifyArgs) -> anyhow::Result<u64> {
             let blocks_per_s = done_blocks as f64 / elapsed_s;
             let eta_s =
                 (blocks_per_s > 0.0).then(|| (blocks_total - done_blocks) as f64 / blocks_per_s);
+            let repaired = if args.repair {
+                format!(", {} repaired", repairs.repaired)
+            } else {
+                String::new()
+            };
             eprintln!(
-                "verify {}: {done_blocks}/{blocks_total} blocks ({:.1}%), {rate_mib_s:.1} MiB/s, ETA {}, {differing} differing",
+                "verify {}: {done_blocks}/{blocks_total} blocks ({:.1}%), {rate_mib_s:.1} MiB/s, ETA {}, {differing} differing{repaired}",
                 args.volume,
                 100.0 * done_blocks as f64 / blocks_total.max(1) as f64,
                 format_eta(eta_s)
@@ -345,7 +537,22 @@ async fn verify(args: VerifyArgs) -> anyhow::Result<u64> {
             args.volume, a.name, b.name
         );
     }
-    Ok(differing)
+    if !args.repair || differing == 0 {
+        return Ok(differing);
+    }
+    let left = repairs.failed + repairs.skipped;
+    if left == 0 {
+        println!(
+            "verify {}: after repair: identical: all {} differing blocks repaired and read again",
+            args.volume, repairs.repaired
+        );
+    } else {
+        println!(
+            "verify {}: after repair: {} repaired, {} still differ ({} failed, {} not repaired)",
+            args.volume, repairs.repaired, left, repairs.failed, repairs.skipped
+        );
+    }
+    Ok(left)
 }
 
 #[cfg(test)]
@@ -377,6 +584,52 @@ mod tests {
         );
         assert!(difference(&entry(None, s1), &entry(Some(1), s1))
             .is_some_and(|d| d.contains("first site")));
+    }
+
+    // The repair plan of the module documentation: the unreadable side takes the good copy,
+    // the smaller stamp takes the greater, equal stamps only with --from, and nothing dirty
+    // or unreadable at both is touched.
+    #[test]
+    fn repair_plan_picks_the_side_the_apply_rule_would() {
+        let s1 = "00000001000000000000000100000000";
+        let s2 = "00000001000000000000000200000000";
+        let names = ("a", "b");
+        let pull = |at_first, force| Plan::Pull { at_first, force };
+        assert_eq!(
+            plan(&entry(None, s2), &entry(Some(1), s1), None, names),
+            pull(true, false)
+        );
+        assert_eq!(
+            plan(&entry(Some(1), s1), &entry(None, s1), Some("b"), names),
+            pull(false, false),
+            "--from never picks an unreadable copy"
+        );
+        assert_eq!(
+            plan(&entry(Some(1), s1), &entry(Some(2), s2), None, names),
+            pull(true, false)
+        );
+        assert_eq!(
+            plan(&entry(Some(1), s2), &entry(Some(2), s1), None, names),
+            pull(false, false)
+        );
+        assert!(matches!(
+            plan(&entry(Some(1), s1), &entry(Some(2), s1), None, names),
+            Plan::Skip(_)
+        ));
+        assert_eq!(
+            plan(&entry(Some(1), s1), &entry(Some(2), s1), Some("a"), names),
+            pull(false, true)
+        );
+        assert!(matches!(
+            plan(&entry(None, s1), &entry(None, s1), Some("a"), names),
+            Plan::Skip(_)
+        ));
+        let mut dirty = entry(Some(1), s1);
+        dirty.dirty = true;
+        assert!(matches!(
+            plan(&dirty, &entry(Some(2), s2), None, names),
+            Plan::Skip(_)
+        ));
     }
 
     #[test]

@@ -381,3 +381,206 @@ fn partitioned_write_waits_for_the_peer_and_completes_after_heal() {
     qemu_io(&ub, &["read -P 0x11 0 64k", "read -P 0x22 1M 64k"]);
     assert_sites_identical(&ua, &ub);
 }
+
+// ----- a detached survivor and a damaged block (DESIGN.md §4 "Repair", §7 invariant 6) -----
+
+/// A `stretch witness` process, killed on drop.
+struct Witness(std::process::Child);
+
+impl Witness {
+    fn start(dir: &Path, listen: &str, a: &str, b: &str) -> Witness {
+        let mut child = Command::new(common::stretch_bin())
+            .arg("witness")
+            .arg("--data-dir")
+            .arg(dir)
+            .args([
+                "--listen",
+                listen,
+                "--bootstrap",
+                "--site-a",
+                a,
+                "--site-b",
+                b,
+            ])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn stretch witness");
+        let stdout = child.stdout.take().expect("piped");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the witness prints raft://ADDR once listening");
+        assert!(line.starts_with("raft://"), "witness printed {line:?}");
+        Witness(child)
+    }
+}
+
+impl Drop for Witness {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_addr(ip: [u8; 4]) -> String {
+    let l = std::net::TcpListener::bind((std::net::Ipv4Addr::from(ip), 0)).expect("bind");
+    l.local_addr().expect("local addr").to_string()
+}
+
+/// `stretch status --json` of one site.
+fn site_status(site: &Site) -> serde_json::Value {
+    let url = format!("http://{}", site.admin.clone().expect("admin address"));
+    let out = common::stretch(&["status", "--site", &url, "--json"]);
+    let list: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("status --json prints JSON");
+    list[0].clone()
+}
+
+/// Waits (bounded) until `cond` holds for the status of `site`.
+fn wait_status(site: &Site, what: &str, cond: impl Fn(&serde_json::Value) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = site_status(site);
+        if cond(&s) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what}: not within 60 s: {s}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+// A survivor has no in-sync peer to repair from: a read of a block that fails its checksum
+// there gets EIO (never the damaged bytes, never a hang), and the block is never copied to
+// the catching-up loser (the survivor's copies win unconditionally, so it would spread). The
+// resync does not complete while the block is left, and status counts it; once the operator
+// writes the block, it is copied and the loser rejoins.
+#[test]
+fn a_detached_survivor_never_returns_or_copies_a_damaged_block() {
+    if !have_tool(
+        "qemu-io",
+        "a_detached_survivor_never_returns_or_copies_a_damaged_block",
+    ) {
+        return;
+    }
+    let dirs = [
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    ];
+    let (raft_a, raft_b) = (free_addr([127, 0, 0, 1]), free_addr([127, 0, 0, 2]));
+    let raft_w = free_addr([127, 0, 0, 3]);
+    let repl_a = free_addr([127, 0, 0, 1]);
+    let link = LinkEmulator::start("127.0.0.1:0", &repl_a).expect("start the link emulator");
+    link.set_rtt(Duration::from_millis(1));
+    let _witness = Witness::start(dirs[2].path(), &raft_w, &raft_a, &raft_b);
+    let peer = link.listen_addr().to_string();
+    let args = |site: &str, repl: [&str; 2], raft: &str, ip: &str| -> Vec<String> {
+        let (nbd, admin) = (format!("{ip}:0"), format!("{ip}:0"));
+        [
+            "--site",
+            site,
+            "--cluster-id",
+            CLUSTER_ID,
+            repl[0],
+            repl[1],
+            "--volume",
+            "vol",
+            "--size",
+            common::PAIR_SIZE,
+            "--listen",
+            &nbd,
+            "--admin",
+            &admin,
+            "--buffered-io",
+            "--request-timeout-ms",
+            common::PAIR_REQUEST_TIMEOUT_MS,
+            "--raft-listen",
+            raft,
+            "--preferred",
+            "a",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let args_a = args("a", ["--repl-listen", &repl_a], &raft_a, "127.0.0.1");
+    let args_b = args("b", ["--peer", &peer], &raft_b, "127.0.0.2");
+    // Together: a site that waits long for its peer would detach it first.
+    let start = |dir: &Path, args: &[String]| {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Site::stretch_site(dir, &args)
+    };
+    let (a, b) = std::thread::scope(|s| {
+        let a = s.spawn(|| start(dirs[0].path(), &args_a));
+        let b = s.spawn(|| start(dirs[1].path(), &args_b));
+        (a.join().expect("site a"), b.join().expect("site b"))
+    });
+    let settled = |s: &serde_json::Value| {
+        s["replication"]["role"] == "in-sync"
+            && s["replication"]["link_up"] == true
+            && s["replication"]["dirty_blocks"] == 0
+    };
+    wait_status(&a, "a in sync", settled);
+    wait_status(&b, "b in sync", settled);
+    qemu_io(&a.uri("vol"), &["write -P 0x5a 1M 256k"]);
+    wait_status(&b, "b settled", settled);
+    wait_status(&a, "a settled", settled);
+
+    link.partition(stretch_bench::link::Direction::Both);
+    wait_status(&a, "a survives", |s| s["replication"]["role"] == "survivor");
+    // Acknowledged by A alone (and flushed: a survivor is the only copy), then damaged.
+    qemu_io(&a.uri("vol"), &["write -P 0x6b 1040k 4k"]);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(dirs[0].path().join("vol.img"))
+        .expect("open a's data file");
+    std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(260 * 4096 + 100)).expect("seek");
+    std::io::Write::write_all(&mut file, &[0xee; 64]).expect("damage");
+    file.sync_all().expect("sync");
+    drop(file);
+    let (_, out) = run_bounded(Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        &a.uri("vol"),
+        "-c",
+        "read -P 0x6b 1040k 4k",
+    ]));
+    assert!(
+        out.contains("Input/output error") && !out.contains("read 4096/4096"),
+        "the survivor's read of its damaged block must fail with EIO: {out}"
+    );
+    qemu_io(&a.uri("vol"), &["read -P 0x5a 1044k 16k"]);
+
+    link.heal();
+    wait_status(&a, "a withholds the damaged copy", |s| {
+        s["replication"]["unrecoverable_blocks"] == 1
+            && s["driver"]["replica"]["copies_withheld_unreadable"].as_u64() >= Some(1)
+    });
+    std::thread::sleep(Duration::from_millis(2000));
+    let sb = site_status(&b);
+    assert_eq!(sb["replication"]["role"], "loser", "no rejoin: {sb}");
+    // B still holds the version from before the detach, never the damaged bytes.
+    let b_data = std::fs::read(dirs[1].path().join("vol.img")).expect("read b's data file");
+    let block = &b_data[260 * 4096..261 * 4096];
+    assert!(
+        block.iter().all(|&x| x == 0x5a),
+        "the loser's block 260 is not the pre-detach data"
+    );
+
+    // The operator restores the block by writing it: it is copied, and B rejoins.
+    qemu_io(&a.uri("vol"), &["write -P 0x7c 1040k 4k"]);
+    wait_status(&a, "a back in sync", settled);
+    wait_status(&b, "b back in sync", settled);
+    assert_eq!(site_status(&a)["replication"]["unrecoverable_blocks"], 0);
+    qemu_io(
+        &b.uri("vol"),
+        &["read -P 0x7c 1040k 4k", "read -P 0x5a 1044k 16k"],
+    );
+}

@@ -12,7 +12,10 @@
 //!   rare enough not to need a flag of their own).
 //! - **read** is served locally, waiting while a covered block has a write still waiting for
 //!   the peer or is not yet settled after a crash (§4 "Reads"). A block that fails its
-//!   checksum gives EIO (repair from the peer is not wired yet).
+//!   checksum is repaired from the peer while both are in sync, else the read gets EIO
+//!   (`core::repair`); the fast path leaves every engine error to the core.
+//! - **repair_blocks** (`verify --repair`) asks the core to repair named blocks from the
+//!   in-sync peer.
 //! - **flush** goes through the core: every mutation completed before it becomes durable at
 //!   both sites (the peer flushes on a FlushMarker and answers DurableAck), so after a FLUSH
 //!   reply it survives the power loss of both sites (§7 invariant 2). Like a write, it waits
@@ -48,6 +51,9 @@ use crate::store::EngineStore;
 const BLOCK_BYTES: u64 = BLOCK_SIZE as u64;
 /// The largest piece of one request sent to the core (the frame body limit).
 const PIECE_BYTES_MAX: u64 = REQUEST_BYTES_MAX as u64;
+/// Blocks one repair operation hands the core; longer lists go in pieces (the core bounds
+/// the blocks it has asked the peer for at once).
+pub const REPAIR_BLOCKS_PER_OP_MAX: usize = 1024;
 
 /// Options of a replicated volume besides the core's [`Config`].
 #[derive(Clone, Debug)]
@@ -225,6 +231,48 @@ impl ReplicatedVolume {
         // A block turned dirty while we read: its new data may be in `data` before the peer
         // has it. Let the core decide.
         (self.shadow.generation() == generation).then_some(data)
+    }
+
+    /// Repairs `lbas` from the peer (`verify --repair`, DESIGN.md §4 "Repair"): each block takes
+    /// the peer's version if it fails its checksum here or the peer's stamp is greater
+    /// (`force`: or equal, for the operator's `--from`). Fails if the peer is not in sync at
+    /// the current epoch, or if any block could not be repaired (the error says how many).
+    pub async fn repair_blocks(&self, lbas: &[u64], force: bool) -> Result<(), BlockError> {
+        let blocks = self.volume.size_bytes() / BLOCK_BYTES;
+        if let Some(&lba) = lbas.iter().find(|&&lba| lba >= blocks) {
+            return Err(BlockError::OutOfRange {
+                offset: lba.saturating_mul(BLOCK_BYTES),
+                len: BLOCK_BYTES,
+                size: self.volume.size_bytes(),
+            });
+        }
+        let mut failed = 0usize;
+        // Bounded: one call per piece of the caller's (bounded) list.
+        for piece in lbas.chunks(REPAIR_BLOCKS_PER_OP_MAX) {
+            let event = |id| Event::ClientRepair {
+                id,
+                lbas: piece.to_vec(),
+                force,
+            };
+            match self.call(&self.read_permits, event).await? {
+                Reply::Done => {}
+                Reply::Failed(ClientError::Io) => failed += piece.len(),
+                Reply::Failed(error) => return Err(client_error(error)),
+                Reply::Data(_) => {
+                    return Err(BlockError::Io(std::io::Error::other(
+                        "replica answered a repair with data",
+                    )))
+                }
+            }
+        }
+        if failed > 0 {
+            return Err(BlockError::Io(std::io::Error::other(format!(
+                "{failed} of {} blocks could not be repaired (peer not in sync, or its copy \
+                 fails its checksum too)",
+                lbas.len()
+            ))));
+        }
+        Ok(())
     }
 
     /// Bytes of client writes acknowledged at this site since start.

@@ -32,7 +32,7 @@ use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
 use crate::core::{
     Action, ClientError, ClientOpId, Config, Counters, Event, MapView, Mode, Policy, Replica, Role,
 };
-use crate::frame::{Kind, FLAG_RECEIVED};
+use crate::frame::{Kind, FLAG_RECEIVED, FLAG_UNREADABLE};
 use crate::store::EngineStore;
 
 /// The replica's clock: wall-clock microseconds at start, advanced by a monotonic clock, so
@@ -154,6 +154,9 @@ pub struct DriverStats {
     /// The read fast path may serve a clean range here (not the passive site of `async`,
     /// not a site that does not know its mode yet).
     pub local_reads: bool,
+    /// Blocks that fail their checksum here and could not be copied to the peer (a survivor's
+    /// resync waits on them; DESIGN.md §4 "Repair", `core::repair`).
+    pub unrecoverable_blocks: u64,
 }
 
 /// The sending half of the bounded outbound queue (replica thread -> link writer).
@@ -210,7 +213,8 @@ fn client_op(event: &Event) -> Option<(ClientOpId, Option<(u64, u32)>)> {
         Event::ClientWrite { id, .. }
         | Event::ClientTrim { id, .. }
         | Event::ClientWriteZeroes { id, .. }
-        | Event::ClientFlush { id } => Some((*id, None)),
+        | Event::ClientFlush { id }
+        | Event::ClientRepair { id, .. } => Some((*id, None)),
         Event::ClientRead { id, lba, blocks } => Some((*id, Some((*lba, *blocks)))),
         _ => None,
     }
@@ -396,10 +400,14 @@ impl ReplicaThread {
     fn dispatch(&mut self, action: Action, link_up: bool, unreadable: &BTreeSet<u64>) {
         match action {
             Action::SendFrame(frame) => {
-                if frame.header.kind == Kind::ResyncBlock && unreadable.contains(&frame.header.lba)
-                {
-                    // Never send a block that failed its checksum; the core resends the copy
-                    // later, by when the peer's own resend may have repaired it.
+                let copy = match frame.header.kind {
+                    Kind::ResyncBlock => true,
+                    Kind::RepairBlock => frame.header.flags & FLAG_UNREADABLE == 0,
+                    _ => false,
+                };
+                if copy && unreadable.contains(&frame.header.lba) {
+                    // Never send a block that failed its checksum. The core already withholds
+                    // such copies (`read_checked`); this is the second line.
                     return;
                 }
                 if !link_up {
@@ -481,6 +489,7 @@ impl ReplicaThread {
         self.local.replica = replica.counters();
         self.local.dirty_blocks = self.store.dirty_count();
         self.local.untrusted_blocks = replica.untrusted_blocks() as u64;
+        self.local.unrecoverable_blocks = replica.unrecoverable_blocks() as u64;
         self.local.lag_bytes = replica.inflight_bytes() as u64;
         self.local.lag_us = replica.async_lag(self.clock.now_us()).1;
         self.local.policy = replica.policy();

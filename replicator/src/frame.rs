@@ -55,6 +55,10 @@ pub const FLAG_RECEIVED: u32 = 1 << 3;
 /// `flags` of a ModeSwitchAck: the peer refused the switch (it still writes); the leader
 /// tries again later.
 pub const FLAG_REFUSED: u32 = 1 << 4;
+/// `flags` of a RepairBlock: the sender cannot repair this block (its own copy fails its
+/// checksum, is not settled, or the sender is not in sync); the body is empty. The requester
+/// fails what waits on the block at once instead of timing out (see `core::repair`).
+pub const FLAG_UNREADABLE: u32 = 1 << 5;
 
 const OFF_MAGIC: usize = 0;
 const OFF_VERSION: usize = 4;
@@ -124,6 +128,13 @@ pub enum Kind {
     ModeSwitch = 14,
     /// The answer to ModeSwitch `seq`: in force here from now on, unless `FLAG_REFUSED`.
     ModeSwitchAck = 15,
+    /// A site asks its in-sync peer for its version of blocks that fail their checksum here
+    /// (read repair, `verify --repair`); body = little-endian u64 LBAs. Not a resync request:
+    /// it changes no resync state at either end (see `core::repair`).
+    RepairRequest = 16,
+    /// The answer to a RepairRequest for one block: `lba`, `stamp`, body = the data (empty
+    /// for zeroes), or no data and [`FLAG_UNREADABLE`] when the sender cannot repair it.
+    RepairBlock = 17,
 }
 
 /// The largest body of a [`Kind::Control`] frame.
@@ -131,7 +142,7 @@ pub const CONTROL_BODY_BYTES_MAX: u32 = 64 * 1024;
 
 impl Kind {
     /// Every kind, for tests and exhaustive tables.
-    pub const ALL: [Kind; 15] = [
+    pub const ALL: [Kind; 17] = [
         Kind::Write,
         Kind::WriteAck,
         Kind::DurableAck,
@@ -147,6 +158,8 @@ impl Kind {
         Kind::Control,
         Kind::ModeSwitch,
         Kind::ModeSwitchAck,
+        Kind::RepairRequest,
+        Kind::RepairBlock,
     ];
 
     fn from_wire(byte: u8) -> Option<Kind> {
@@ -159,8 +172,8 @@ impl Kind {
         match self {
             Kind::Write => BodyRule::Blocks,
             // A resync copy of a tombstone carries no data; of a written block, one block.
-            Kind::ResyncBlock => BodyRule::BlocksOrEmpty,
-            Kind::ResyncRequest => BodyRule::LbaList,
+            Kind::ResyncBlock | Kind::RepairBlock => BodyRule::BlocksOrEmpty,
+            Kind::ResyncRequest | Kind::RepairRequest => BodyRule::LbaList,
             Kind::Control => BodyRule::Opaque,
             _ => BodyRule::Empty,
         }
@@ -523,11 +536,11 @@ mod tests {
             h.stamp = Stamp(stamp);
             let body = match kind {
                 Kind::Write => { h.blocks = nblocks; vec![fill; (nblocks * BLOCK_SIZE) as usize] }
-                Kind::ResyncBlock => {
+                Kind::ResyncBlock | Kind::RepairBlock => {
                     h.blocks = 1;
                     if with_body { vec![fill; BLOCK_SIZE as usize] } else { Vec::new() }
                 }
-                Kind::ResyncRequest => (0..n_lbas as u64).flat_map(|x| x.to_le_bytes()).collect(),
+                Kind::ResyncRequest | Kind::RepairRequest => (0..n_lbas as u64).flat_map(|x| x.to_le_bytes()).collect(),
                 _ => { h.blocks = nblocks; Vec::new() }
             };
             let frame = Frame::new(h, body);

@@ -39,9 +39,11 @@
 //! # Engine errors
 //! [`BlockStore`] methods cannot fail. An engine error is recorded ([`EngineStore::failure`])
 //! and the driver stops the replica (fail-stop, like a crash; a restart recovers through
-//! `Replica::start`). A block whose read fails its checksum is recorded separately
-//! ([`EngineStore::take_unreadable`]) and never returned: the driver fails a client read of it
-//! with EIO and does not send it to the peer.
+//! `Replica::start`). A block whose read fails its checksum is recorded separately: the core
+//! learns it through `read_checked` and repairs it from the in-sync peer or fails the read
+//! (`core::repair`); as a second line, the driver fails any client read of a block still
+//! recorded unreadable ([`EngineStore::take_unreadable`]) and never sends its copy. A write of
+//! the block (a repair) removes it from the record.
 
 use std::cell::RefCell;
 use std::collections::BTreeSet;
@@ -248,6 +250,10 @@ impl EngineStore {
     /// visible to direct readers of the volume (block status). Called at the end of a batch.
     pub fn submit(&mut self) {
         self.submit_run();
+        // Blocks read ahead serve the next blocks of one range within a batch; kept longer,
+        // they would hide damage done to the disk since (a block that now fails its
+        // checksum would look fine to read repair and `verify --repair`).
+        *self.read_ahead.borrow_mut() = None;
     }
 
     /// Makes every write since the last flush durable (data and records).
@@ -443,10 +449,19 @@ impl BlockStore for EngineStore {
         }
     }
 
+    fn read_checked(&self, lba: u64, out: &mut [u8]) -> Option<Stamp> {
+        let stamp = self.read(lba, out);
+        (!self.unreadable.borrow().contains(&lba)).then_some(stamp)
+    }
+
     fn write(&mut self, lba: u64, content: Content<'_>, stamp: Stamp) {
         if self.failed() {
             return;
         }
+        // The whole block and its checksum are replaced (a repair): later reads of it are
+        // good. The core read the damaged content only through `read_checked` and answered
+        // nothing with it, so the driver's second line may stop refusing the block.
+        self.unreadable.borrow_mut().remove(&lba);
         self.wrote_since_sync = true;
         *self.read_ahead.borrow_mut() = None;
         {

@@ -83,8 +83,11 @@ fn seeds_cover_detach_rejoin_crash_and_fencing() {
     let mut totals = (0u32, 0u32, 0u32, 0u64, 0u64, 0u64, 0u64);
     let mut settle = (0u64, 0u64, 0u64);
     let mut received_early = 0u64;
+    let mut rot = (0u64, 0u64);
     for seed in 0..200 {
         let r = run_seed(seed, Fault::None, false).unwrap_or_else(|f| panic!("{f}"));
+        rot.0 += r.blocks_rotted;
+        rot.1 += r.blocks_repaired;
         settle.0 += r.blocks_lost;
         settle.1 += r.blocks_settled;
         settle.2 += r.flushes_done;
@@ -113,6 +116,9 @@ fn seeds_cover_detach_rejoin_crash_and_fencing() {
     // Half the seeds run sync-received: its early acks must really happen.
     eprintln!("received early: {received_early}");
     assert!(received_early > 1000, "{received_early}");
+    // Blocks must rot, and be repaired from the peer (§7 invariant 6).
+    eprintln!("rotted, repaired: {rot:?}");
+    assert!(rot.0 > 20 && rot.1 > 10, "{rot:?}");
 }
 
 fn expect_caught(fault: Fault) {
@@ -153,6 +159,11 @@ fn checker_catches_a_receipt_ack_before_the_write_is_visible() {
 #[test]
 fn checker_catches_a_restart_that_does_not_settle() {
     expect_caught(Fault::NoSettle);
+}
+
+#[test]
+fn checker_catches_reads_that_serve_a_damaged_block() {
+    expect_caught(Fault::ServeUnreadable);
 }
 
 // ----- named regressions -----------------------------------------------------------------
@@ -528,4 +539,146 @@ fn flush_waits_for_the_peer() {
     assert_eq!(w.outcome(flush), Some(Outcome::Pending));
     check(w.heal_and_settle(1_000_000));
     assert!(matches!(w.outcome(flush), Some(Outcome::Acked(_))));
+}
+
+// ----- repair of damaged blocks (DESIGN.md §4 "Repair", §7 invariant 6) --------------------
+
+/// A written block, flushed at both sites, then damaged at rest at site 0.
+fn damaged_block(fault: Fault) -> (World, u64) {
+    let mut opts = SimOptions::scripted();
+    opts.fault = fault;
+    let mut w = World::new(11, opts);
+    check(w.run_for(20_000));
+    let write = w.client_write(0, 2, 1).unwrap_or_else(|f| panic!("{f}"));
+    check(w.run_for(50_000));
+    assert!(matches!(w.outcome(write), Some(Outcome::Acked(_))));
+    w.flush_store(0);
+    w.flush_store(1);
+    assert!(w.damage(0, 2), "a flushed block can be damaged");
+    (w, write)
+}
+
+// §7 invariant 6: a read of a damaged block at an in-sync site is repaired from the peer and
+// returns the right data (the checker parses every block a read returns); a core that serves
+// the damaged bytes is caught.
+#[test]
+fn regression_read_repairs_a_damaged_block_from_the_in_sync_peer() {
+    let (mut w, write) = damaged_block(Fault::None);
+    let read = w.client_read(0, 1, 3).unwrap_or_else(|f| panic!("{f}"));
+    check(w.run_for(50_000));
+    assert!(
+        matches!(w.outcome(read), Some(Outcome::Acked(_))),
+        "the read is served after the repair: {:?}",
+        w.outcome(read)
+    );
+    let c = w.replica(0).map(|r| r.counters()).unwrap_or_default();
+    assert_eq!((c.blocks_repaired, c.repair_requests_sent), (1, 1));
+    assert!(!w.store(0).is_rotten(2));
+    assert_eq!(writer_of(&w, 0, 2), Some(write));
+    check(w.heal_and_settle(1_000_000));
+
+    let (mut w, _) = damaged_block(Fault::ServeUnreadable);
+    let failed = w
+        .client_read(0, 2, 1)
+        .and_then(|_| w.run_for(50_000))
+        .is_err();
+    assert!(failed, "serving the damaged block must be caught");
+}
+
+// A write racing the repair is never lost: the peer's copy, read before the write reached
+// it, arrives after the local write replaced the damaged block, and the apply rule keeps the
+// write. The parked read then waits for the write's ack like any read of a dirty block.
+#[test]
+fn regression_repair_never_overwrites_a_racing_write() {
+    let (mut w, _) = damaged_block(Fault::None);
+    w.hold_frames(1, Kind::RepairBlock);
+    let read = w.client_read(0, 2, 1).unwrap_or_else(|f| panic!("{f}"));
+    check(w.run_for(5_000));
+    let racing = w.client_write(0, 2, 1).unwrap_or_else(|f| panic!("{f}"));
+    check(w.run_for(5_000));
+    assert_eq!(w.release_held(), 1, "the peer answered the repair once");
+    check(w.run_for(50_000));
+    assert!(matches!(w.outcome(racing), Some(Outcome::Acked(_))));
+    assert!(matches!(w.outcome(read), Some(Outcome::Acked(_))));
+    assert_eq!(writer_of(&w, 0, 2), Some(racing), "the write survives");
+    assert_eq!(writer_of(&w, 1, 2), Some(racing));
+    check(w.heal_and_settle(1_000_000));
+}
+
+/// Site 0 survives a detach, writes block 3 alone, and the block is then damaged: the only
+/// good copy is gone. Then the link heals and the loser asks for its resync.
+fn survivor_damaged(
+    fault: Fault,
+) -> Result<(World, u64, u64), stretch_replicator::sim::SimFailure> {
+    let mut opts = SimOptions::scripted();
+    opts.fault = fault;
+    let mut w = World::new(12, opts);
+    w.run_for(20_000)?;
+    w.client_write(0, 3, 1)?;
+    w.run_for(50_000)?;
+    w.set_partition(true)?;
+    w.detach(0)?;
+    let alone = w.client_write(0, 3, 1)?;
+    w.run_for(10_000)?;
+    assert!(matches!(w.outcome(alone), Some(Outcome::Acked(_))));
+    assert!(w.damage(0, 3), "the survivor flushed its write");
+    // No in-sync peer: EIO, never the damaged bytes and never a hang.
+    let read = w.client_read(0, 3, 1)?;
+    assert_eq!(w.outcome(read), Some(Outcome::Failed));
+    w.set_partition(false)?;
+    w.run_for(500_000)?;
+    Ok((w, alone, read))
+}
+
+// §4 "Repair": only a peer in sync at the current epoch repairs; a survivor's damaged block
+// is never copied to the catching-up loser, and the resync does not complete while it is
+// left (reported as unrecoverable) until an operator writes the block. A core that repairs
+// from the loser takes its stale copy and loses the survivor's acknowledged write.
+#[test]
+fn regression_survivor_never_copies_or_repairs_from_the_loser() {
+    let (mut w, _, _) = survivor_damaged(Fault::None).unwrap_or_else(|f| panic!("{f}"));
+    assert_eq!(
+        w.role(1),
+        stretch_replicator::core::Role::Loser,
+        "no rejoin"
+    );
+    assert_eq!(w.replica(0).map(|r| r.unrecoverable_blocks()), Some(1));
+    assert!(w
+        .replica(0)
+        .is_some_and(|r| r.counters().copies_withheld_unreadable > 0));
+    assert!(
+        !w.store(1).is_rotten(3) && w.store(1).block(3).0.is_none_or(|d| d[0] != 0xEE),
+        "the damaged bytes never reached the loser"
+    );
+    // The operator restores the block by writing it; the resync then completes.
+    let restore = w.client_write(0, 3, 1).unwrap_or_else(|f| panic!("{f}"));
+    check(w.heal_and_settle(2_000_000));
+    assert_eq!(w.role(1), stretch_replicator::core::Role::InSync);
+    assert_eq!(writer_of(&w, 1, 3), Some(restore));
+    assert_eq!(w.replica(0).map(|r| r.unrecoverable_blocks()), Some(0));
+
+    assert!(
+        survivor_damaged(Fault::RepairFromAnyPeer).is_err(),
+        "a repair from the loser must be caught"
+    );
+}
+
+// §4 "Repair": when the peer's copy is damaged too, it answers "cannot" and the read fails
+// with EIO at once (well before the repair timeout), never with either damaged copy.
+#[test]
+fn a_block_damaged_at_both_sites_fails_the_read_fast() {
+    let (mut w, _) = damaged_block(Fault::None);
+    assert!(w.damage(1, 2));
+    let read = w.client_read(0, 2, 1).unwrap_or_else(|f| panic!("{f}"));
+    // Two network delays of 500 us and a little: far below the 150 ms repair timeout.
+    check(w.run_for(5_000));
+    assert_eq!(w.outcome(read), Some(Outcome::Failed));
+    let c0 = w.replica(0).map(|r| r.counters()).unwrap_or_default();
+    let c1 = w.replica(1).map(|r| r.counters()).unwrap_or_default();
+    assert_eq!((c0.repairs_failed, c0.reads_failed_unreadable), (1, 1));
+    assert_eq!(c1.repair_refusals_sent, 1);
+    // Only a write restores the block; then everything settles.
+    let restore = w.client_write(0, 2, 1).unwrap_or_else(|f| panic!("{f}"));
+    check(w.heal_and_settle(1_000_000));
+    assert_eq!(writer_of(&w, 1, 2), Some(restore));
 }

@@ -66,6 +66,12 @@ pub enum Fault {
     /// can return older data (breaks §5 "received by the peer, where it is visible to
     /// reads", invariant 4).
     ReceivedNotVisible,
+    /// Reads serve a block that fails its checksum instead of repairing it or failing with
+    /// EIO (breaks §7 invariant 6).
+    ServeUnreadable,
+    /// Repair asks, and answers, a peer that is not in sync at the current epoch (breaks
+    /// §4 "Repair ... takes data only from a peer in-sync at the current epoch").
+    RepairFromAnyPeer,
 }
 
 /// Static configuration of one replica.
@@ -180,6 +186,15 @@ pub enum Event {
     /// `sync-received`: apply the mutations received and already acknowledged as received
     /// (asked for by [`Action::ApplyReceived`]).
     ApplyReceived,
+    /// Repair these blocks from the in-sync peer (`verify --repair`, DESIGN.md §4 "Repair"):
+    /// each takes the peer's version if it fails its checksum here or the peer's stamp is
+    /// greater (`force`: or equal). Acknowledged once every block is answered; fails with EIO
+    /// if any could not be repaired. See `core::repair`.
+    ClientRepair {
+        id: ClientOpId,
+        lbas: Vec<u64>,
+        force: bool,
+    },
 }
 
 /// Why a client request failed.

@@ -71,6 +71,11 @@ use crate::stamp::{Hlc, SiteId, StampParts};
 
 const BLOCK_BYTES: usize = BLOCK_SIZE as usize;
 
+// Repair of blocks that fail their checksum lives in its own file; as a child module it
+// shares the replica's private state.
+#[path = "repair.rs"]
+mod repair;
+
 #[derive(Clone, Debug)]
 enum Mutation {
     Write(Vec<u8>),
@@ -230,6 +235,18 @@ pub struct Counters {
     pub writes_received_early: u64,
     /// Client requests refused because this site is the passive site of `async`.
     pub requests_refused_passive: u64,
+    /// Blocks that failed their checksum here and were replaced by the peer's copy.
+    pub blocks_repaired: u64,
+    pub repair_requests_sent: u64,
+    /// Blocks asked for repair that could not be repaired (the peer could not, timeout,
+    /// link lost, not in sync).
+    pub repairs_failed: u64,
+    /// Repair answers of "cannot" sent to the peer (our copy fails too, or we are not in sync).
+    pub repair_refusals_sent: u64,
+    /// Client reads failed with EIO because a block failed its checksum and was not repaired.
+    pub reads_failed_unreadable: u64,
+    /// Resync copies withheld because the block fails its checksum here (never sent).
+    pub copies_withheld_unreadable: u64,
 }
 
 /// One site's replication state for one volume; see the module documentation.
@@ -295,6 +312,8 @@ pub struct Replica {
     last_peer_write_us: Option<u64>,
     last_local_write_us: Option<u64>,
     last_rtt_sample_us: Option<u64>,
+    /// Blocks being repaired from the peer and what waits on them (`core::repair`).
+    repair: repair::RepairState,
 }
 
 impl Replica {
@@ -369,6 +388,7 @@ impl Replica {
             last_peer_write_us: None,
             last_local_write_us: None,
             last_rtt_sample_us: None,
+            repair: repair::RepairState::default(),
         };
         replica.reset_mode();
         replica.persist_hlc(store);
@@ -470,6 +490,7 @@ impl Replica {
                 .as_ref()
                 .is_none_or(|r| r.to_send.is_empty() && r.in_flight.is_empty())
             && store.dirty_blocks().is_empty()
+            && self.repair.is_idle()
     }
 
     fn peer(&self) -> SiteId {
@@ -484,6 +505,7 @@ impl Replica {
         store: &mut dyn BlockStore,
         out: &mut Vec<Action>,
     ) {
+        self.repair.now_us = now_us;
         match event {
             Event::ClientWrite { id, lba, data, fua } => {
                 if data.is_empty() || data.len() % BLOCK_BYTES != 0 {
@@ -521,6 +543,9 @@ impl Replica {
             Event::ApplyReceived => {
                 self.apply_received(store, out);
                 self.after_progress(now_us, store, out);
+            }
+            Event::ClientRepair { id, lbas, force } => {
+                self.client_repair(id, lbas, force, store, out)
             }
         }
         self.complete_flushes(out);
@@ -955,7 +980,7 @@ impl Replica {
         let read = WaitingRead { id, lba, blocks };
         // Reads are independent: one waiting for a block never holds back a read of others.
         if self.can_serve(&read, store) {
-            out.push(self.serve(&read, store));
+            self.serve_checked(read, store, out);
         } else if self.reads.len() < self.cfg.reads_waiting_max {
             self.reads.push_back(read);
         } else {
@@ -985,19 +1010,6 @@ impl Replica {
         }
     }
 
-    fn serve(&self, read: &WaitingRead, store: &dyn BlockStore) -> Action {
-        let mut data = vec![0u8; read.blocks as usize * BLOCK_BYTES];
-        let mut stamps = Vec::with_capacity(read.blocks as usize);
-        for (i, chunk) in data.chunks_exact_mut(BLOCK_BYTES).enumerate() {
-            stamps.push(store.read(read.lba + i as u64, chunk));
-        }
-        Action::ReadDone {
-            id: read.id,
-            data,
-            stamps,
-        }
-    }
-
     /// Serves every waiting read that can now be served. A read is independent of the
     /// others, so one blocked read does not hold back reads of other blocks.
     fn serve_reads(&mut self, store: &dyn BlockStore, out: &mut Vec<Action>) {
@@ -1014,7 +1026,7 @@ impl Replica {
                     error: ClientError::Io,
                 });
             } else if self.can_serve(&read, store) {
-                out.push(self.serve(&read, store));
+                self.serve_checked(read, store, out);
             } else {
                 still.push_back(read);
             }
@@ -1180,6 +1192,8 @@ impl Replica {
             Kind::DurableAck => self.on_durable_ack(now_us, &h, store, out),
             Kind::ModeSwitch => self.on_mode_switch(now_us, &h, store, out),
             Kind::ModeSwitchAck => self.on_mode_switch_ack(now_us, &h, store, out),
+            Kind::RepairRequest => self.on_repair_request(&h, &frame.body, store, out),
+            Kind::RepairBlock => self.on_repair_block(&h, &frame.body, store, out),
         }
     }
 
@@ -1429,6 +1443,7 @@ impl Replica {
         if self.map.role == Role::Loser && self.loser_progress_us.is_none_or(due) {
             self.send_resync_request(now_us, store, out);
         }
+        self.repair_tick(now_us, store, out);
         self.pump_resync(now_us, store, out);
         if let Some((seq, sent_us)) = self.lag_marker {
             if due(sent_us) {
@@ -1506,6 +1521,7 @@ impl Replica {
 
     fn on_link_down(&mut self, now_us: u64, store: &mut dyn BlockStore, out: &mut Vec<Action>) {
         self.link_up = false;
+        self.repair_abort("link down", out);
         self.heartbeats.clear();
         self.last_rtt_sample_us = None;
         // The peer may restart and lose what it applied but did not flush: every async
@@ -1559,6 +1575,7 @@ impl Replica {
         self.apply_received(store, out);
         self.map.epoch = new_epoch;
         self.map.fenced_before = fenced_before;
+        self.repair_abort("detach", out);
         self.resync_out = None;
         self.loser_progress_us = None;
         self.settle_asked.clear();
@@ -1628,6 +1645,8 @@ impl Replica {
         info!(site = self.cfg.site, new_epoch, "rejoined; in sync");
         self.map.epoch = new_epoch;
         self.map.role = Role::InSync;
+        self.repair_abort("rejoin", out);
+        self.repair.unrecoverable.clear();
         self.resync_out = None;
         self.loser_progress_us = None;
         // Both start again from sync; the leader switches (and tells the peer) from there.
@@ -2142,11 +2161,18 @@ impl Replica {
             return;
         };
         let mut data = vec![0u8; BLOCK_BYTES];
+        let mut unreadable = Vec::new();
         while ro.in_flight.len() < limit {
             let Some(lba) = ro.to_send.pop_first() else {
                 break;
             };
-            let stamp = store.read(lba, &mut data);
+            // A block that fails its checksum is never sent: the peer would take it as the
+            // truth (a survivor's copies win unconditionally). See `copies_unreadable`.
+            let Some(stamp) = store.read_checked(lba, &mut data) else {
+                unreadable.push(lba);
+                continue;
+            };
+            self.repair.unrecoverable.remove(&lba);
             let mut h = header;
             h.lba = lba;
             h.blocks = 1;
@@ -2164,6 +2190,9 @@ impl Replica {
             out.push(Action::SendFrame(Frame::new(h, body)));
             ro.in_flight.insert(lba, (stamp, now_us.max(1)));
             self.counters.resync_blocks_sent += 1;
+        }
+        if !unreadable.is_empty() {
+            self.copies_unreadable(unreadable, out);
         }
     }
 
@@ -2261,6 +2290,7 @@ impl Replica {
             && ro.in_flight.is_empty()
             && idle
             && store.dirty_blocks().is_empty()
+            && self.repair.unrecoverable.is_empty()
         {
             ro.complete_reported = true;
             info!(

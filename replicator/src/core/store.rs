@@ -34,6 +34,13 @@ pub trait BlockStore {
     fn stamp(&self, lba: u64) -> Stamp;
     /// Copies one block into `out` (exactly one block long) and returns its stamp.
     fn read(&self, lba: u64, out: &mut [u8]) -> Stamp;
+    /// Like [`BlockStore::read`], but `None` when the block fails its checksum (torn by a
+    /// crash, damaged at rest) or cannot be read: such content is never returned to a client
+    /// or sent to the peer (DESIGN.md §7 invariant 6). `out` then holds nothing meaningful.
+    /// A store that cannot detect damage returns every block.
+    fn read_checked(&self, lba: u64, out: &mut [u8]) -> Option<Stamp> {
+        Some(self.read(lba, out))
+    }
     /// Writes a block and its stamp together, unconditionally. The core applies the stamp
     /// comparison itself before calling this.
     fn write(&mut self, lba: u64, content: Content<'_>, stamp: Stamp);

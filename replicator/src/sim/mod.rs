@@ -17,6 +17,15 @@
 //! two overlapping crashes may lose acknowledged writes that no FLUSH covered, which the
 //! contract allows (§7 inv. 2), and the checker does not model that case.
 //!
+//! Blocks rot at rest ([`MemStore::rot`]: the bytes fail their checksum, the stamp stays) at
+//! random times, only at a site in sync with a settled peer whose copy is good: reads must
+//! repair them from the peer or fail, never return them (§7 invariant 6). A crash is not
+//! combined with rot (a crash event is skipped while a block is rotten): a damaged copy and
+//! an unsettled one of the same block is a double failure that may lose an acknowledged
+//! write. After the chaos phase an operator repairs what is left (`Event::ClientRepair`, as
+//! `verify --repair`), and writes over a survivor's rotten blocks that no peer can repair (as
+//! an operator restoring them from a backup), so the system can settle.
+//!
 //! Frames in flight survive link outages (delivered in a later session), but not a restart
 //! of either end: a frame of a dead process's session is processed before that session's
 //! LinkDown at the receiver, or lost with the receiver's memory (the link driver delivers a
@@ -69,6 +78,8 @@ pub struct SimOptions {
     pub detach_after_us: u64,
     pub ops_outstanding_max: usize,
     pub op_gap_us_max: u64,
+    /// Blocks damaged at rest during the chaos phase (see the module documentation).
+    pub corruptions: u32,
     /// Generate client load and faults automatically (off for scripted regressions).
     pub auto: bool,
     pub fault: Fault,
@@ -98,6 +109,7 @@ impl SimOptions {
             detach_after_us: 100_000,
             ops_outstanding_max: 0,
             op_gap_us_max: 1,
+            corruptions: 0,
             auto: false,
             fault: Fault::None,
             trace: false,
@@ -128,6 +140,8 @@ impl SimOptions {
             detach_after_us: rng.random_range(20_000..200_000),
             ops_outstanding_max: rng.random_range(1..5),
             op_gap_us_max: rng.random_range(500..20_000),
+            // Drawn last, so the parameters above are those an older build drew for a seed.
+            corruptions: rng.random_range(0..4),
             auto: true,
             fault: Fault::None,
             trace: false,
@@ -186,6 +200,9 @@ pub struct SimReport {
     pub flushes_done: u64,
     /// `sync-received`: writes acknowledged as received before their apply.
     pub received_early: u64,
+    /// Blocks damaged at rest, and repaired from the peer.
+    pub blocks_rotted: u64,
+    pub blocks_repaired: u64,
 }
 
 #[derive(Debug)]
@@ -205,6 +222,8 @@ enum Ev {
     /// `sync-received`: the site's receive queue is applied (if the site still runs the same
     /// incarnation).
     ApplyReceived(SiteId, u64),
+    /// Damage a block at rest at a site.
+    Rot(SiteId, u64),
 }
 
 struct Site {
@@ -233,6 +252,8 @@ pub struct World {
     next_op_id: ClientOpId,
     held: Option<Held>,
     rejoin_ready: Option<u32>,
+    /// Repair operations outstanding (`Event::ClientRepair`), answered outside the checker.
+    repair_ops: BTreeMap<ClientOpId, SiteId>,
     report: SimReport,
     rejects: RejectCounters,
     trace: std::collections::VecDeque<String>,
@@ -297,6 +318,7 @@ impl World {
             next_op_id: 1,
             held: None,
             rejoin_ready: None,
+            repair_ops: BTreeMap::new(),
             report: SimReport::default(),
             rejects: RejectCounters::default(),
             trace: std::collections::VecDeque::new(),
@@ -357,6 +379,96 @@ impl World {
             self.schedule(at, Ev::Crash(site));
             self.schedule(at + down, Ev::Restart(site));
         }
+        // Rot comes from its own stream, so the draws above are those of an older build.
+        let mut rot_rng = SmallRng::seed_from_u64(self.seed ^ 0x0B10_C4ED);
+        for _ in 0..self.opts.corruptions {
+            let at = rot_rng.random_range(0..chaos);
+            let site = rot_rng.random_range(0..2);
+            let lba = rot_rng.random_range(0..self.opts.volume_blocks);
+            self.schedule(at, Ev::Rot(site, lba));
+        }
+    }
+
+    /// Damages `lba` at `site` at rest if the peer holds a good, settled copy (module
+    /// documentation); false if the conditions do not hold and nothing was done.
+    pub fn rot(&mut self, site: SiteId, lba: u64) -> bool {
+        use crate::core::BlockStore as _;
+        let peer = &self.sites[usize::from(1 - site)];
+        let here = &self.sites[usize::from(site)];
+        let settled = |s: &Site| {
+            s.replica
+                .as_ref()
+                .is_some_and(|r| r.untrusted_blocks() == 0)
+        };
+        let ok = self.map.role == [Role::InSync, Role::InSync]
+            && settled(peer)
+            && settled(here)
+            && !peer.store.is_rotten(lba)
+            && !peer.store.is_dirty(lba)
+            && !here.store.is_dirty(lba);
+        if !ok || !self.sites[usize::from(site)].store.rot(lba) {
+            return false;
+        }
+        self.report.blocks_rotted += 1;
+        self.note(|| format!("site {site} block {lba} ROTTED"));
+        true
+    }
+
+    /// Damages `lba` at `site` at rest whatever the state of the sites (scripted tests); false
+    /// if the block was written since the last flush.
+    pub fn damage(&mut self, site: SiteId, lba: u64) -> bool {
+        let done = self.sites[usize::from(site)].store.rot(lba);
+        if done {
+            self.report.blocks_rotted += 1;
+            self.note(|| format!("site {site} block {lba} DAMAGED"));
+        }
+        done
+    }
+
+    fn any_rotten(&self) -> bool {
+        self.sites
+            .iter()
+            .any(|s| !s.store.rotten_blocks().is_empty())
+    }
+
+    /// `Event::ClientRepair` at `site` (what `verify --repair` sends).
+    pub fn client_repair(
+        &mut self,
+        site: SiteId,
+        lbas: Vec<u64>,
+        force: bool,
+    ) -> SimResult<ClientOpId> {
+        let id = self.new_op(site);
+        self.repair_ops.insert(id, site);
+        self.step_site(site, Event::ClientRepair { id, lbas, force })?;
+        Ok(id)
+    }
+
+    /// After the chaos phase: repair rotten blocks of an in-sync site from its peer, and write
+    /// over a survivor's (module documentation). One operation per site at a time.
+    fn operator(&mut self) -> SimResult<()> {
+        for site in 0..2u8 {
+            let s = &self.sites[usize::from(site)];
+            if s.replica.is_none() || !s.ops.is_empty() {
+                continue;
+            }
+            let rotten = s.store.rotten_blocks();
+            let Some(&first) = rotten.first() else {
+                continue;
+            };
+            match self.map.role[usize::from(site)] {
+                Role::InSync if self.link_connected => {
+                    let max = self.config(site).resync_request_lbas_max;
+                    let lbas = rotten.into_iter().take(max).collect();
+                    self.client_repair(site, lbas, false)?;
+                }
+                Role::Survivor => {
+                    self.client_write(site, first, 1)?;
+                }
+                _ => {}
+            }
+        }
+        Ok(())
     }
 
     fn fail(&self, message: String) -> SimFailure {
@@ -411,6 +523,7 @@ impl World {
             r.blocks_settled += c.blocks_settled;
             r.flushes_done += c.flushes_done;
             r.received_early += c.writes_received_early;
+            r.blocks_repaired += c.blocks_repaired;
         }
         r
     }
@@ -462,6 +575,7 @@ impl World {
         self.report.frames_fenced += replica.counters().mutations_fenced;
         self.report.blocks_settled += replica.counters().blocks_settled;
         self.report.flushes_done += replica.counters().flushes_done;
+        self.report.blocks_repaired += replica.counters().blocks_repaired;
         self.report.blocks_lost += lost;
         let ops = std::mem::take(&mut s.ops);
         self.checker.on_crash(&ops);
@@ -660,6 +774,12 @@ impl World {
         let result = match action {
             Action::SendFrame(frame) => {
                 self.send(site, &frame);
+                Ok(())
+            }
+            Action::AckClient { id, .. } | Action::FailClient { id, .. }
+                if self.repair_ops.remove(&id).is_some() =>
+            {
+                self.op_done(site, id);
                 Ok(())
             }
             Action::AckClient { id, stamp } => {
@@ -892,7 +1012,14 @@ impl World {
             }
             Ev::ClientOp(site) => self.client_op(site)?,
             Ev::Partition(on) => self.set_partition(on)?,
+            // Not combined with rot (module documentation).
+            Ev::Crash(site) if self.any_rotten() => {
+                self.note(|| format!("site {site} crash skipped: a block is rotten"))
+            }
             Ev::Crash(site) => self.crash(site)?,
+            Ev::Rot(site, lba) => {
+                self.rot(site, lba);
+            }
             Ev::Restart(site) => self.restart(site)?,
             Ev::ApplyReceived(site, life) => {
                 if self.sites[usize::from(site)].incarnation == life {
@@ -928,6 +1055,7 @@ impl World {
                 .values()
                 .any(|e| matches!(e, Ev::Deliver { .. }))
             && self.held.is_none()
+            && !self.any_rotten()
             && self.sites.iter().all(|s| {
                 s.replica.as_ref().is_some_and(|r| r.is_quiescent(&s.store)) && s.ops.is_empty()
             })
@@ -947,6 +1075,7 @@ impl World {
         }
         let until = self.now_us + max_us;
         while !self.settled() {
+            self.operator()?;
             if self.now_us > until || !self.next_event()? {
                 let roles = self.map.role;
                 let detail: Vec<String> = self
@@ -954,9 +1083,10 @@ impl World {
                     .iter()
                     .map(|s| {
                         format!(
-                            "ops={:?} dirty={:?} quiescent={:?}",
+                            "ops={:?} dirty={:?} rotten={:?} quiescent={:?}",
                             s.ops,
                             s.store.dirty_blocks_first(),
+                            s.store.rotten_blocks(),
                             s.replica.as_ref().map(|r| r.is_quiescent(&s.store))
                         )
                     })

@@ -6,8 +6,12 @@
 //! flush). Marks are durable at once. The HLC high-water mark and the loser-reset epoch live
 //! in a side file written with fsync, so they are durable at once too.
 //!
-//! The engine can also leave a block torn (new stamp record, old data: a checksum error).
-//! That is not modelled here: the core never sees an unreadable block, the driver does.
+//! The engine can also leave a block torn or damaged at rest (its data no longer matches its
+//! checksum). [`MemStore::rot`] models the damage at rest: the block's bytes are garbage, its
+//! stamp is kept, `read_checked` refuses it and `read` returns the garbage (which a core that
+//! served it would hand a client: the checker catches that). A write replaces the block and
+//! its checksum. Torn writes after a crash are not modelled separately: every block a crash
+//! touches is untrusted and settled from the peer anyway.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -46,6 +50,10 @@ pub struct MemStore {
     durable_dirty: BTreeSet<u64>,
     hlc_high_water: u64,
     resync_reset_epoch: u32,
+    /// Blocks whose bytes fail their checksum (see the module documentation).
+    rotten: BTreeSet<u64>,
+    /// `rotten` as of the last flush: a crash that loses a write brings the damage back.
+    durable_rotten: BTreeSet<u64>,
     /// Blocks written, for tests that count what resync touched.
     pub writes: u64,
     pub flushes: u64,
@@ -95,12 +103,47 @@ impl MemStore {
                         Some(block) => self.data.insert(lba, block.clone()),
                         None => self.data.remove(&lba),
                     };
+                    if self.durable_rotten.contains(&lba) {
+                        self.rotten.insert(lba);
+                    } else {
+                        self.rotten.remove(&lba);
+                    }
                 }
             }
         }
         // Whatever survived is on disk now.
         self.durable = self.data.clone();
+        self.durable_rotten = self.rotten.clone();
         self.dirty = self.durable_dirty.clone();
+    }
+
+    /// Damages a flushed block at rest: its bytes become garbage that fails its checksum; its
+    /// stamp stays. False (nothing done) if the block was written since the last flush.
+    pub fn rot(&mut self, lba: u64) -> bool {
+        if lba >= self.blocks || self.is_unflushed(lba) {
+            return false;
+        }
+        let stamp = self.stamp_of(lba);
+        let garbage: Block = (Some(vec![0xEE; BLOCK_BYTES].into_boxed_slice()), stamp);
+        self.data.insert(lba, garbage.clone());
+        self.durable.insert(lba, garbage);
+        self.rotten.insert(lba);
+        self.durable_rotten.insert(lba);
+        true
+    }
+
+    /// Whether a block fails its checksum.
+    pub fn is_rotten(&self, lba: u64) -> bool {
+        self.rotten.contains(&lba)
+    }
+
+    /// Every block that fails its checksum, in ascending order.
+    pub fn rotten_blocks(&self) -> Vec<u64> {
+        self.rotten.iter().copied().collect()
+    }
+
+    fn stamp_of(&self, lba: u64) -> Stamp {
+        self.data.get(&lba).map_or(Stamp::ZERO, |(_, s)| *s)
     }
 
     /// Whether a block was written since the last flush (a crash could lose it).
@@ -151,9 +194,15 @@ impl BlockStore for MemStore {
         }
     }
 
+    fn read_checked(&self, lba: u64, out: &mut [u8]) -> Option<Stamp> {
+        let stamp = self.read(lba, out);
+        (!self.rotten.contains(&lba)).then_some(stamp)
+    }
+
     fn write(&mut self, lba: u64, content: Content<'_>, stamp: Stamp) {
         assert!(lba < self.blocks, "the core range-checks before writing");
         self.writes += 1;
+        self.rotten.remove(&lba);
         let data = match content {
             Content::Data(d) => {
                 assert_eq!(d.len(), BLOCK_BYTES);
@@ -173,6 +222,7 @@ impl BlockStore for MemStore {
         self.flushes += 1;
         self.durable = self.data.clone();
         self.durable_dirty = self.dirty.clone();
+        self.durable_rotten = self.rotten.clone();
     }
 
     fn clear_dirty(&mut self, lba: u64) {
