@@ -42,6 +42,13 @@ pub(crate) const BLOCKS_PER_CALL_MAX: u64 = 4096;
 pub(crate) const REPAIR_BLOCKS_PER_CALL_MAX: u64 = 4096;
 const BLOCK_BYTES: u64 = BLOCK_SIZE as u64;
 
+/// A boxed future of the admin API's control-plane calls: the outcome, or why it failed.
+pub(crate) type BoxFuture<'a, T> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, String>> + Send + 'a>>;
+
+const NO_WITNESS: &str =
+    "this site runs without a witness (no --raft-listen): there is no cluster map to change";
+
 /// What the control plane knows and the status reports: filled by the witness integration.
 pub(crate) trait ControlView: Send + Sync {
     /// The epoch of the volume's CG as this site knows it.
@@ -76,6 +83,24 @@ pub(crate) trait ControlView: Send + Sync {
     {
         let _ = (ack, active_site);
         Box::pin(async { Err("this site runs without a witness".to_string()) })
+    }
+    /// `stretch force-survivor`: without `accept_data_loss` only the report of what would be
+    /// done and what may be lost.
+    fn force_survivor(
+        &self,
+        accept_data_loss: bool,
+    ) -> BoxFuture<'_, crate::control::ForceOutcome> {
+        let _ = accept_data_loss;
+        Box::pin(async { Err(NO_WITNESS.to_string()) })
+    }
+    /// `stretch readmit`: the survivor of a force-survivor adds the members back as voters.
+    fn readmit(
+        &self,
+        witness: Option<SocketAddr>,
+        peer: Option<SocketAddr>,
+    ) -> BoxFuture<'_, String> {
+        let _ = (witness, peer);
+        Box::pin(async { Err(NO_WITNESS.to_string()) })
     }
 }
 
@@ -588,6 +613,54 @@ async fn repair(state: &AdminState, req: &Request) -> Result<Response, Response>
     }
 }
 
+/// `POST /v1/force-survivor {"accept_data_loss": bool}` (DESIGN §6, the double failure).
+async fn force_survivor(state: &AdminState, req: &Request) -> Result<Response, Response> {
+    let body: Value = serde_json::from_slice(&req.body)
+        .map_err(|e| Response::error(400, format!("body is not JSON: {e}")))?;
+    let accept = body["accept_data_loss"].as_bool().unwrap_or(false);
+    match state.control().force_survivor(accept).await {
+        Ok(outcome) => Ok(Response::json(
+            200,
+            json!({
+                "api_version": API_VERSION,
+                "site": state.site_name,
+                "acted": outcome.acted,
+                "report": outcome.report,
+            }),
+        )),
+        Err(message) => Err(Response::error(409, message)),
+    }
+}
+
+/// `POST /v1/readmit {"witness": "ADDR", "peer": "ADDR"}` (either may be absent).
+async fn readmit(state: &AdminState, req: &Request) -> Result<Response, Response> {
+    let body: Value = serde_json::from_slice(&req.body)
+        .map_err(|e| Response::error(400, format!("body is not JSON: {e}")))?;
+    let addr = |key: &str| -> Result<Option<SocketAddr>, Response> {
+        match &body[key] {
+            Value::Null => Ok(None),
+            Value::String(text) => text.parse().map(Some).map_err(|_| {
+                Response::error(
+                    400,
+                    format!("{key}: {text:?} is not an address (HOST:PORT)"),
+                )
+            }),
+            other => Err(Response::error(
+                400,
+                format!("{key}: {other} is not a string"),
+            )),
+        }
+    };
+    let (witness, peer) = (addr("witness")?, addr("peer")?);
+    match state.control().readmit(witness, peer).await {
+        Ok(outcome) => Ok(Response::json(
+            200,
+            json!({"api_version": API_VERSION, "outcome": outcome}),
+        )),
+        Err(message) => Err(Response::error(409, message)),
+    }
+}
+
 async fn route(state: Arc<AdminState>, req: Request) -> Response {
     let path = req.path().trim_end_matches('/');
     let result = match (req.method.as_str(), path) {
@@ -596,9 +669,16 @@ async fn route(state: Arc<AdminState>, req: Request) -> Response {
         ("POST", "/v1/detach") => detach(&state, &req).await,
         ("POST", "/v1/policy") => set_policy(&state, &req).await,
         ("POST", "/v1/repair") => repair(&state, &req).await,
-        (_, "/v1/status" | "/v1/blocks" | "/v1/detach" | "/v1/policy" | "/v1/repair") => Err(
-            Response::error(405, format!("{} is not allowed on {path}", req.method)),
-        ),
+        ("POST", "/v1/force-survivor") => force_survivor(&state, &req).await,
+        ("POST", "/v1/readmit") => readmit(&state, &req).await,
+        (
+            _,
+            "/v1/status" | "/v1/blocks" | "/v1/detach" | "/v1/policy" | "/v1/repair"
+            | "/v1/force-survivor" | "/v1/readmit",
+        ) => Err(Response::error(
+            405,
+            format!("{} is not allowed on {path}", req.method),
+        )),
         _ => Err(Response::error(404, format!("no route {path}"))),
     };
     result.unwrap_or_else(|e| e)

@@ -39,6 +39,14 @@ pub enum Command {
     /// Compare a volume's two sites block by block (data CRC and stamp); exit 0 identical,
     /// 1 differences, 2 errors.
     Verify(crate::verify::VerifyArgs),
+    /// The double failure (link and witness lost): let one stalled site carry on alone in a
+    /// new generation. Without --accept-data-loss it only shows what would be lost.
+    ForceSurvivor(crate::force::ForceSurvivorArgs),
+    /// After a force-survivor: prepare the other site (stopped) to come back under the new
+    /// generation through a full resync.
+    PrepareRejoin(crate::force::PrepareRejoinArgs),
+    /// After a force-survivor: the survivor adds the witness and the other site back as voters.
+    Readmit(crate::force::ReadmitArgs),
 }
 
 #[derive(Debug, Args)]
@@ -133,6 +141,10 @@ pub struct SiteArgs {
     /// adaptive: the smoothed RTT above which the mode may become async.
     #[arg(long)]
     pub sync_rtt_max_ms: Option<f64>,
+    /// With --raft-listen: dial the other site's Raft voter here instead of at its address in
+    /// the group (e.g. through the inter-site link, which the witness does not cross).
+    #[arg(long)]
+    pub raft_peer: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Args)]
@@ -153,6 +165,11 @@ pub struct WitnessArgs {
     /// Site B's Raft address.
     #[arg(long)]
     pub site_b: Option<std::net::SocketAddr>,
+    /// After a `force-survivor`: run as the witness of this generation (a new voter under a
+    /// new id, waiting for the survivor's `stretch readmit`). Default: the generation last
+    /// recorded in --data-dir, else 0.
+    #[arg(long)]
+    pub generation: Option<u64>,
 }
 
 #[derive(Debug, Args)]

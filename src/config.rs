@@ -38,6 +38,7 @@
 //! raft_listen = "0.0.0.0:10910"  # this site's voter; `stretch witness --bootstrap` names it
 //! preferred = "a"             # who wins a plain link cut (written when the volume is created)
 //! on_lapse = "eio"            # eio | suspend: a site whose lease lapsed
+//! # raft_peer = "10.0.0.2:10910" # dial the other site's voter here (across the site link)
 //! ```
 
 use std::net::SocketAddr;
@@ -81,6 +82,10 @@ pub struct ControlConfig {
     /// What a site whose lease lapsed does with requests: "eio" (default) or "suspend".
     #[serde(default)]
     pub on_lapse: Option<String>,
+    /// Dial the other site's voter here instead of at its address in the group (the route
+    /// across the inter-site link).
+    #[serde(default)]
+    pub raft_peer: Option<SocketAddr>,
 }
 
 /// `[replication]`: one site of a stretched volume.

@@ -43,8 +43,12 @@ use stretch_witness::map::{
     SiteState,
 };
 use stretch_witness::preference::{PreferenceConfig, PreferenceTracker};
+use stretch_witness::raft::generation::{
+    discard_unrecorded, generation_dir, has_raft_state, read_generation, write_generation,
+};
+use stretch_witness::raft::network::PeerAddrs;
 use stretch_witness::raft::node::WitnessNode;
-use stretch_witness::raft::{NODE_A, NODE_B};
+use stretch_witness::raft::{node_id, BasicNode, Member, GENERATION_MAX};
 
 /// How often the control loop runs its timers.
 const TICK: Duration = Duration::from_millis(5);
@@ -62,6 +66,10 @@ pub(crate) const CONTROL_QUEUE_MAX: usize = 256;
 pub(crate) struct ControlSettings {
     /// Where this site's Raft voter listens (the witness and the peer site dial it).
     pub(crate) raft_listen: SocketAddr,
+    /// Where this site dials the other site's voter, if not at its membership address: in a
+    /// stretched cluster the two sites' Raft traffic crosses the inter-site link (in tests and
+    /// `stretch up`, the link emulator), while the witness reaches each site directly.
+    pub(crate) raft_peer: Option<SocketAddr>,
     /// Raft log, vote, snapshots and the incarnation counter.
     pub(crate) dir: PathBuf,
     pub(crate) arbiter: ArbiterConfig,
@@ -241,15 +249,60 @@ struct Shared {
     me: Site,
     cg: u64,
     volume_id: u64,
+    /// This site's voter. `force-survivor` replaces it with a voter of a new generation.
+    node: Mutex<Arc<WitnessNode>>,
+    /// The replicated volume, set when the control loop starts.
+    device: std::sync::OnceLock<Arc<ReplicatedVolume>>,
     arbiter: Mutex<Arbiter>,
     status: Mutex<ControlStatus>,
+    settings: ControlSettings,
+    /// One `force-survivor` or `readmit` at a time.
+    membership_busy: tokio::sync::Mutex<()>,
 }
 
 impl Shared {
+    /// The replica's counters, once the control loop runs.
+    fn device_stats(&self) -> Option<stretch_replicator::driver::DriverStats> {
+        self.device.get().map(|d| d.driver_stats())
+    }
+
     fn arbiter(&self) -> MutexGuard<'_, Arbiter> {
         // The arbiter's state stays consistent even if a holder panicked: every method
         // leaves it whole.
         self.arbiter.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn node(&self) -> Arc<WitnessNode> {
+        self.node.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+fn member(site: Site) -> Member {
+    match site {
+        Site::A => Member::A,
+        Site::B => Member::B,
+    }
+}
+
+/// The other site's voter is dialed at `raft_peer` when one is set.
+fn peer_addrs(s: &ControlSettings, me: Site) -> PeerAddrs {
+    s.raft_peer
+        .map(|addr| PeerAddrs::from([(member(me.peer()), addr.to_string())]))
+        .unwrap_or_default()
+}
+
+/// Binds the Raft address, retrying briefly: a voter just stopped may still hold it.
+async fn bind_raft(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    let mut tries = 0;
+    loop {
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => return Ok(l),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && tries < 40 => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => return Err(e).with_context(|| format!("listen for Raft on {addr}")),
+        }
     }
 }
 
@@ -267,7 +320,6 @@ impl ServeGate for Gate {
 
 /// A site's control plane, joined and holding the map it started from.
 pub(crate) struct ControlPlane {
-    node: Arc<WitnessNode>,
     shared: Arc<Shared>,
     /// The map view the replica starts with.
     pub(crate) initial_view: MapView,
@@ -288,17 +340,25 @@ impl ControlPlane {
     ) -> anyhow::Result<ControlPlane> {
         std::fs::create_dir_all(&s.dir).with_context(|| format!("create {}", s.dir.display()))?;
         let incarnation = next_incarnation(&s.dir)?;
-        let listener = tokio::net::TcpListener::bind(s.raft_listen)
-            .await
-            .with_context(|| format!("listen for Raft on {}", s.raft_listen))?;
-        let id = match me {
-            Site::A => NODE_A,
-            Site::B => NODE_B,
-        };
-        let node = WitnessNode::start(id, &s.dir, listener)
+        let listener = bind_raft(s.raft_listen).await?;
+        // The generation `force-survivor` or `prepare-rejoin` recorded; 0 for a site that
+        // never went through either.
+        let generation = read_generation(&s.dir)
+            .with_context(|| format!("read the generation in {}", s.dir.display()))?;
+        let raft_dir = generation_dir(&s.dir, generation);
+        let fresh = !has_raft_state(&raft_dir);
+        let id = node_id(generation, member(me));
+        let node = WitnessNode::start_with(id, &raft_dir, listener, peer_addrs(s, me))
             .await
             .map_err(|e| anyhow::anyhow!("start the Raft voter: {e}"))?;
         let node = Arc::new(node);
+        if generation > 0 && fresh {
+            info!(
+                generation,
+                node = id,
+                "this site's voter is new in generation {generation}: it waits until the survivor adds it (`stretch readmit`)"
+            );
+        }
         let cg = volume_id;
         let deadline = tokio::time::Instant::now() + s.join_timeout;
         let mut created = false;
@@ -332,7 +392,7 @@ impl ControlPlane {
                     if last_note.elapsed() >= Duration::from_secs(2) {
                         last_note = tokio::time::Instant::now();
                         info!(
-                            "waiting for the witness group ({e}); is `stretch witness` running and bootstrapped?"
+                            "waiting for the witness group ({e}); is `stretch witness` running and bootstrapped (or, after a force-survivor, has the survivor readmitted this site)?"
                         );
                     }
                 }
@@ -358,15 +418,18 @@ impl ControlPlane {
             me,
             cg,
             volume_id,
+            node: Mutex::new(node),
+            device: std::sync::OnceLock::new(),
             arbiter: Mutex::new(arbiter),
             status: Mutex::new(ControlStatus {
                 raft_node: id,
                 cg,
                 ..ControlStatus::default()
             }),
+            settings: s.clone(),
+            membership_busy: tokio::sync::Mutex::new(()),
         });
         Ok(ControlPlane {
-            node,
             shared,
             initial_view,
             initial_policy,
@@ -391,8 +454,9 @@ impl ControlPlane {
         device: Arc<ReplicatedVolume>,
         control_rx: mpsc::Receiver<Vec<u8>>,
     ) {
+        let _ = self.shared.device.set(device.clone());
         let ctl = ControlLoop {
-            node: self.node.clone(),
+            node: self.shared.node(),
             shared: self.shared.clone(),
             device,
             replica_epoch: self.initial_view.epoch,
@@ -415,7 +479,6 @@ impl ControlPlane {
     /// What the admin API reports of the control plane (`stretch status`).
     pub(crate) fn view(&self) -> Arc<dyn crate::admin::ControlView> {
         Arc::new(ControlHandle {
-            node: self.node.clone(),
             shared: self.shared.clone(),
         })
     }
@@ -425,14 +488,7 @@ impl ControlPlane {
         if let Some(task) = self.task.take() {
             task.abort();
         }
-        match Arc::try_unwrap(self.node) {
-            Ok(node) => node.shutdown().await,
-            Err(node) => {
-                if let Err(e) = node.raft.shutdown().await {
-                    warn!("raft shutdown: {e}");
-                }
-            }
-        }
+        self.shared.node().stop().await;
     }
 }
 
@@ -465,7 +521,26 @@ async fn detach(node: &WitnessNode, cg: u64, survivor: Site) -> anyhow::Result<S
             epoch.n
         ),
         ApplyResult::One(Outcome::Rejected { reason }) => {
-            bail!("the map refused the detach: {reason}")
+            // A proposal relayed after a slow direct attempt may be a duplicate of one that
+            // committed: then the map shows exactly this detach, one epoch on.
+            let (_, now) = node.read_map_anywhere(RAFT_DEADLINE).await.map_err(|e| {
+                anyhow::anyhow!("the map refused the detach ({reason}); read it again: {e}")
+            })?;
+            let ours = now.cg(cg).is_some_and(|c| {
+                Some(c.epoch) == state.epoch.next()
+                    && c.state(survivor) == SiteState::InSync
+                    && c.state(survivor.peer()) == SiteState::Detached
+            });
+            if !ours {
+                bail!("the map refused the detach: {reason}")
+            }
+            let epoch = state.epoch.next().unwrap_or(state.epoch);
+            format!(
+                "detached: site {} carries on alone in epoch {}.{}",
+                site_name(survivor),
+                epoch.generation,
+                epoch.n
+            )
         }
         other => format!("{other:?}"),
     })
@@ -528,7 +603,6 @@ async fn set_policy(
 
 /// The admin API's handle on the control plane.
 struct ControlHandle {
-    node: Arc<WitnessNode>,
     shared: Arc<Shared>,
 }
 
@@ -555,7 +629,7 @@ impl crate::admin::ControlView for ControlHandle {
         let survivor = parse_site(survivor);
         Box::pin(async move {
             let survivor = survivor.map_err(|e| e.to_string())?;
-            detach(&self.node, self.shared.cg, survivor)
+            detach(&self.shared.node(), self.shared.cg, survivor)
                 .await
                 .map_err(|e| format!("{e:#}"))
         })
@@ -573,7 +647,7 @@ impl crate::admin::ControlView for ControlHandle {
     {
         Box::pin(async move {
             set_policy(
-                &self.node,
+                &self.shared.node(),
                 self.shared.volume_id,
                 self.shared.cg,
                 ack,
@@ -583,6 +657,296 @@ impl crate::admin::ControlView for ControlHandle {
             .map_err(|e| format!("{e:#}"))
         })
     }
+    fn force_survivor(&self, accept_data_loss: bool) -> crate::admin::BoxFuture<'_, ForceOutcome> {
+        Box::pin(async move {
+            force_survivor(&self.shared, accept_data_loss)
+                .await
+                .map_err(|e| format!("{e:#}"))
+        })
+    }
+
+    fn readmit(
+        &self,
+        witness: Option<SocketAddr>,
+        peer: Option<SocketAddr>,
+    ) -> crate::admin::BoxFuture<'_, String> {
+        Box::pin(async move {
+            readmit(&self.shared, witness, peer)
+                .await
+                .map_err(|e| format!("{e:#}"))
+        })
+    }
+}
+
+/// What `force-survivor` reports: whether it acted, and the text for the operator.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct ForceOutcome {
+    pub(crate) acted: bool,
+    pub(crate) report: String,
+}
+
+/// How long `force-survivor` tries a linearizable read before it believes nothing can commit.
+const HEALTH_PROBE: Duration = Duration::from_secs(3);
+/// How long `readmit` waits for the returning members to catch up.
+const READMIT_DEADLINE: Duration = Duration::from_secs(60);
+
+/// What this site knows when nothing can commit: the text `force-survivor` prints before it
+/// acts (DESIGN §6: "it shows the site's last known epoch before acting").
+fn force_report(shared: &Shared, map: &ClusterMap, node: &WitnessNode) -> anyhow::Result<String> {
+    use std::fmt::Write as _;
+    let me = shared.me;
+    let Some(cg) = map.cg(shared.cg) else {
+        bail!("this site's map has no record of its volume: nothing to carry on with");
+    };
+    let stats = shared.device_stats();
+    let (dirty, untrusted) = stats
+        .as_ref()
+        .map(|s| (s.dirty_blocks, s.untrusted_blocks))
+        .unwrap_or((0, 0));
+    let mut t = String::new();
+    let (mine, theirs) = (cg.state(me), cg.state(me.peer()));
+    let _ = writeln!(
+        t,
+        "site {} (raft node {}, generation {}): last known epoch {}.{}; this site {}, site {} {}",
+        site_name(me),
+        node.id,
+        node.generation,
+        cg.epoch.generation,
+        cg.epoch.n,
+        state_name(mine),
+        site_name(me.peer()),
+        state_name(theirs),
+    );
+    let _ = writeln!(
+        t,
+        "blocks: {dirty} not known to match site {} (dirty), {untrusted} untrusted since a crash",
+        site_name(me.peer())
+    );
+    let _ = writeln!(
+        t,
+        "what may be lost if site {} carries on alone:",
+        site_name(me)
+    );
+    match mine {
+        SiteState::InSync => {
+            let _ = writeln!(
+                t,
+                "  - every write site {} acknowledged alone after epoch {}.{}, if it won a detach this site never learned of",
+                site_name(me.peer()),
+                cg.epoch.generation,
+                cg.epoch.n
+            );
+        }
+        SiteState::Detached | SiteState::Resyncing => {
+            let _ = writeln!(
+                t,
+                "  - !!! THIS SITE LOST ARBITRATION (it is {}): every write site {} acknowledged alone since epoch {}.{} is NOT here and will be LOST",
+                state_name(mine),
+                site_name(me.peer()),
+                cg.epoch.generation,
+                cg.epoch.n
+            );
+        }
+    }
+    if untrusted > 0 {
+        let _ = writeln!(
+            t,
+            "  - {untrusted} blocks written just before this site's last crash: they stay as they are here, which may be older than what site {} acknowledged",
+            site_name(me.peer())
+        );
+    }
+    let _ = writeln!(
+        t,
+        "  - site {}'s own writes that never reached this site: it comes back only through a full resync from this site, its divergent blocks saved to its side file",
+        site_name(me.peer())
+    );
+    Ok(t)
+}
+
+/// `stretch force-survivor SITE --accept-data-loss` (DESIGN §6, the double failure): this site
+/// becomes a one-voter group of a new generation and carries on alone.
+async fn force_survivor(shared: &Shared, accept: bool) -> anyhow::Result<ForceOutcome> {
+    let _busy = shared.membership_busy.lock().await;
+    let old = shared.node();
+    // Only for when nothing can commit: if a linearizable read succeeds, a leader with a
+    // majority exists and an ordinary detach decides safely.
+    if let Ok((_, map)) = old.read_map_anywhere(HEALTH_PROBE).await {
+        let epoch = map
+            .cg(shared.cg)
+            .map(|c| format!("{}.{}", c.epoch.generation, c.epoch.n))
+            .unwrap_or_default();
+        bail!(
+            "the witness group can commit (a leader answered a linearizable read, epoch {epoch}): nothing is stalled; use `stretch detach --survivor {}` instead",
+            site_name(shared.me)
+        );
+    }
+    let map = old.local_map();
+    let mut report = force_report(shared, &map, &old)?;
+    let generation = map.generation.max(old.generation) + 1;
+    if generation > GENERATION_MAX {
+        bail!("generation {generation} is beyond the last one ({GENERATION_MAX}) the replicator's epochs can carry");
+    }
+    let first = Epoch::first(generation);
+    let epoch = epoch_u32(first)?;
+    if !accept {
+        report.push_str(&format!(
+            "
+nothing done. With --accept-data-loss, site {} becomes a one-voter group of generation {generation} (epoch {generation}.1), fences site {} and serves alone.
+",
+            site_name(shared.me),
+            site_name(shared.me.peer())
+        ));
+        return Ok(ForceOutcome {
+            acted: false,
+            report,
+        });
+    }
+    warn!(
+        "force-survivor accepted with data loss:
+{report}"
+    );
+    let s = &shared.settings;
+    old.stop().await;
+    let new = match start_generation(shared, generation, map).await {
+        Ok(node) => node,
+        Err(e) => {
+            // Back to the old generation's voter, so the site is where it was.
+            let back = async {
+                let listener = bind_raft(s.raft_listen).await?;
+                let raft_dir = generation_dir(&s.dir, old.generation);
+                WitnessNode::start_with(old.id, &raft_dir, listener, peer_addrs(s, shared.me))
+                    .await
+                    .map_err(|e| anyhow::anyhow!("restart the old voter: {e}"))
+            };
+            match back.await {
+                Ok(node) => *shared.node.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(node),
+                Err(e2) => warn!("after a failed force-survivor: {e2:#}"),
+            }
+            return Err(e.context("force-survivor failed; the site is still in its old generation"));
+        }
+    };
+    let id = new.id;
+    *shared.node.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(new);
+    let peer = site_name(shared.me.peer());
+    report.push_str(&format!(
+        "
+site {me} now carries on alone: generation {generation}, raft node {id}, epoch {generation}.1 (replicator epoch {epoch}); site {peer} is fenced.
+         It serves once its lease wait is over. To bring the others back (docs/operations.md, \"After force-survivor\"):
+           1. the witness: stop it; start it with --generation {generation} (no --bootstrap)
+           2. site {peer}: stop it; run `stretch prepare-rejoin --data-dir DIR --site {peer} --volume NAME --generation {generation}`; start it
+           3. `stretch readmit --site http://THIS_ADMIN --witness W_RAFT_ADDR --peer {peer}_RAFT_ADDR`
+         Site {peer} then resyncs every block from this site and rejoins.
+",
+        me = site_name(shared.me),
+    ));
+    Ok(ForceOutcome {
+        acted: true,
+        report,
+    })
+}
+
+/// Starts this site's voter of `generation` alone, commits the `ForceSurvivor` entry carrying
+/// `map`, and records the generation; returns the running voter.
+async fn start_generation(
+    shared: &Shared,
+    generation: u64,
+    map: ClusterMap,
+) -> anyhow::Result<WitnessNode> {
+    let s = &shared.settings;
+    // A force-survivor interrupted before it recorded this generation left its state half
+    // made; it never served, so it is started afresh.
+    discard_unrecorded(&s.dir, generation)
+        .with_context(|| format!("clear generation {generation}'s directory"))?;
+    let raft_dir = generation_dir(&s.dir, generation);
+    let id = node_id(generation, member(shared.me));
+    let listener = bind_raft(s.raft_listen).await?;
+    let node = WitnessNode::start_with(id, &raft_dir, listener, peer_addrs(s, shared.me))
+        .await
+        .map_err(|e| anyhow::anyhow!("start generation {generation}'s voter: {e}"))?;
+    let work = async {
+        node.bootstrap(std::collections::BTreeMap::from([(
+            id,
+            BasicNode::new(s.raft_listen.to_string()),
+        )]))
+        .await
+        .map_err(|e| anyhow::anyhow!("make the one-voter group: {e}"))?;
+        let cmd = Command::ForceSurvivor {
+            survivor: shared.me,
+            generation,
+            carried: Some(Box::new(map)),
+        };
+        // Bounded: the one voter elects itself within an election timeout.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let result = loop {
+            match node.propose(cmd.clone()).await {
+                Ok(r) => break r,
+                Err(e) if tokio::time::Instant::now() >= deadline => {
+                    bail!("commit the ForceSurvivor entry: {e}")
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        };
+        match result {
+            ApplyResult::One(Outcome::Applied { .. }) => {}
+            other => bail!("the new group refused the ForceSurvivor entry: {other:?}"),
+        }
+        // Only now is the new generation the site's: a crash before this restarts it in the
+        // old one, as if force-survivor had not run.
+        write_generation(&s.dir, generation)
+            .with_context(|| format!("record generation {generation}"))?;
+        Ok(())
+    };
+    match work.await {
+        Ok(()) => Ok(node),
+        Err(e) => {
+            node.stop().await;
+            Err(e)
+        }
+    }
+}
+
+/// `stretch readmit`: the survivor of a force-survivor adds the witness and the other site,
+/// each already running under this generation, as voters again.
+async fn readmit(
+    shared: &Shared,
+    witness: Option<SocketAddr>,
+    peer: Option<SocketAddr>,
+) -> anyhow::Result<String> {
+    let _busy = shared.membership_busy.lock().await;
+    let node = shared.node();
+    if node.leader().0 != Some(node.id) {
+        bail!(
+            "this site's voter (node {}) is not the leader of its group: run readmit at the survivor of the force-survivor",
+            node.id
+        );
+    }
+    let generation = node.generation;
+    let mut learners = std::collections::BTreeMap::new();
+    if let Some(w) = witness {
+        learners.insert(
+            node_id(generation, Member::W),
+            BasicNode::new(w.to_string()),
+        );
+    }
+    if let Some(p) = peer {
+        learners.insert(
+            node_id(generation, member(shared.me.peer())),
+            BasicNode::new(p.to_string()),
+        );
+    }
+    if learners.is_empty() {
+        bail!("name the members to readmit: --witness ADDR and/or --peer ADDR");
+    }
+    let mut voters: std::collections::BTreeSet<u64> = node.voters().into_iter().collect();
+    voters.extend(learners.keys().copied());
+    let added: Vec<String> = learners.keys().map(|id| id.to_string()).collect();
+    node.add_voters(learners, voters.clone(), READMIT_DEADLINE)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e} (are they running with --generation {generation}?)"))?;
+    Ok(format!(
+        "generation {generation}: voters are now {voters:?} (added {})",
+        added.join(", ")
+    ))
 }
 
 struct ControlLoop {
@@ -627,6 +991,7 @@ impl ControlLoop {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
+            self.follow_generation();
             let mut actions = Vec::new();
             tokio::select! {
                 _ = tick.tick() => {}
@@ -667,6 +1032,44 @@ impl ControlLoop {
             self.follow_workload(now);
             self.publish(now);
         }
+    }
+
+    /// After a `force-survivor` swapped the voter: a fresh arbiter (new incarnation, no lease,
+    /// serving nothing before its first ReadIndex of the new group), and the map followed from
+    /// the new voter's log, whose indexes start again from 1.
+    fn follow_generation(&mut self) {
+        let node = self.shared.node();
+        if Arc::ptr_eq(&node, &self.node) {
+            return;
+        }
+        let incarnation = match next_incarnation(&self.shared.settings.dir) {
+            Ok(i) => i,
+            Err(e) => {
+                // Without a new incarnation, heartbeat ids of the old arbiter could be
+                // mistaken for the new one's: keep the old arbiter (it serves nothing, its
+                // epoch is gone) and try again next tick.
+                self.note_error(format!("new arbiter after force-survivor: {e:#}"));
+                return;
+            }
+        };
+        info!(
+            generation = node.generation,
+            node = node.id,
+            "following the new generation's voter"
+        );
+        *self.shared.arbiter() = Arbiter::new(
+            self.shared.me,
+            self.shared.settings.arbiter,
+            incarnation,
+            boottime_us(),
+        );
+        if let Ok(mut s) = self.shared.status.lock() {
+            s.raft_node = node.id;
+        }
+        self.node = node;
+        self.map_index = 0;
+        self.rejoin_proposed_epoch = None;
+        self.last_start_resync_us = 0;
     }
 
     fn on_control(&mut self, body: &[u8]) {

@@ -6,6 +6,7 @@ mod cli;
 mod config;
 mod control;
 mod detach;
+mod force;
 mod policy;
 mod progress;
 mod serve;
@@ -53,6 +54,9 @@ fn main() -> std::process::ExitCode {
             cli::Command::Bench(args) => stretch_bench::run_bench(args).await,
             cli::Command::Status(args) => status::run(args).await,
             cli::Command::Verify(args) => verify::run(args).await,
+            cli::Command::ForceSurvivor(args) => force::force_survivor(args).await,
+            cli::Command::PrepareRejoin(args) => force::prepare_rejoin(args).await,
+            cli::Command::Readmit(args) => force::readmit(args).await,
         }
     });
     match result {

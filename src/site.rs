@@ -197,6 +197,9 @@ fn settings(args: SiteArgs) -> anyhow::Result<Settings> {
             }
             Some(ControlSettings {
                 raft_listen,
+                raft_peer: args
+                    .raft_peer
+                    .or_else(|| control_file.and_then(|c| c.raft_peer)),
                 dir: data_dir.join(format!("control-{site_name}")),
                 arbiter,
                 join_timeout: std::time::Duration::from_secs(120),

@@ -3,9 +3,14 @@
 //! RTT (default 5 ms), and a witness on 127.0.0.3 that arbitrates when the link is cut —
 //! printing both URIs and how to cut the link.
 //!
-//! The three Raft voters talk directly; only the replication link (which also carries the
-//! leases) crosses the emulator. So a cut link is arbitrated: the preferred site (A) carries
-//! on alone within about a second, B fails I/O with EIO, and a heal resyncs and rejoins B.
+//! As in a real stretched cluster, both kinds of inter-site traffic cross the emulated link:
+//! the replication link (which also carries the leases) through proxy `link`, and the two
+//! sites' Raft voters to each other through proxies `raft-ab` (A dials B) and `raft-ba` (B
+//! dials A), all with the same RTT and on the same Toxiproxy API. The witness reaches each
+//! site directly. Cutting `link` alone is arbitrated: the preferred site (A) carries on alone
+//! within about a second, B fails I/O with EIO, and a heal resyncs and rejoins B. Cutting all
+//! three as well as stopping the witness is the double failure: both sites stall until
+//! `stretch force-survivor`.
 
 use std::path::PathBuf;
 
@@ -15,7 +20,7 @@ use crate::cli::UpArgs;
 use crate::config::{check_volume_size, parse_size, NbdConfig};
 use crate::control::ControlSettings;
 use crate::site::{self, Settings};
-use stretch_bench::link::LinkEmulator;
+use stretch_bench::link::{LinkEmulator, ProxyConfig};
 use stretch_engine::{IoEngineKind, VolumeConfig};
 
 /// Both sites must agree on it; frames of another cluster are refused.
@@ -39,6 +44,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         base.join("witness"),
         std::net::SocketAddr::new(args.witness_ip, 0),
         Some((raft_a, raft_b)),
+        None,
     )
     .await
     .context("start the witness")?;
@@ -51,6 +57,14 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         })?,
         ..stretch_replicator::core::Policy::default()
     };
+    // Site A accepts the replication link; the emulator sits in front of it; B dials the
+    // emulator. So every replication byte between the sites crosses the emulated distance.
+    let repl_a = free_port(args.listen.ip())?;
+    let mut link = LinkEmulator::start("127.0.0.1:0", &repl_a.to_string())
+        .context("start the link emulator")?;
+    link.set_rtt(args.rtt);
+    let raft_ab = raft_proxy(&link, "raft-ab", raft_b, args.rtt)?;
+    let raft_ba = raft_proxy(&link, "raft-ba", raft_a, args.rtt)?;
     let settings = |name: &str, site: u8, link, listen| Settings {
         site_name: name.into(),
         site,
@@ -72,6 +86,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         admin: std::net::SocketAddr::new(listen.ip(), 0),
         control: Some(ControlSettings {
             raft_listen: if site == 0 { raft_a } else { raft_b },
+            raft_peer: Some(if site == 0 { raft_ab } else { raft_ba }),
             dir: base.join(format!("site-{name}")).join("control"),
             arbiter: crate::control::default_arbiter_config(),
             join_timeout: std::time::Duration::from_secs(30),
@@ -81,13 +96,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         }),
         policy,
     };
-    // Site A accepts the replication link; the emulator sits in front of it; B dials the
-    // emulator. So every replication byte between the sites crosses the emulated distance.
     // Both sites start together: a site that waits long for its peer detaches it.
-    let repl_a = free_port(args.listen.ip())?;
-    let mut link = LinkEmulator::start("127.0.0.1:0", &repl_a.to_string())
-        .context("start the link emulator")?;
-    link.set_rtt(args.rtt);
     let admin = link
         .serve_admin(&args.link_admin)
         .await
@@ -120,6 +129,9 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         "  stretch link partition --admin {admin}   # A carries on alone in ~1 s; B fails I/O"
     );
     println!("  stretch link heal --admin {admin}        # B resyncs what changed, then rejoins");
+    println!(
+        "  (the sites' Raft traffic to each other crosses proxies raft-ab and raft-ba: --proxy raft-ab)"
+    );
     println!();
     println!("the witness (Raft voter 3) is at {}", witness.addr);
     println!();
@@ -138,6 +150,42 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     witness.stop().await;
     drop(link);
     Ok(())
+}
+
+/// A proxy `name` on the emulator's admin API from a fresh port to `upstream`, with the link's
+/// RTT: the route one site's Raft voter takes to the other's.
+fn raft_proxy(
+    link: &LinkEmulator,
+    name: &str,
+    upstream: std::net::SocketAddr,
+    rtt: std::time::Duration,
+) -> anyhow::Result<std::net::SocketAddr> {
+    let proxy = link
+        .registry()
+        .create(ProxyConfig {
+            name: name.into(),
+            listen: "127.0.0.1:0".into(),
+            upstream: upstream.to_string(),
+            enabled: true,
+        })
+        .map_err(|e| anyhow::anyhow!("start proxy {name}: {}", e.message))?;
+    let half_ms = rtt.as_secs_f64() * 1e3 / 2.0;
+    if half_ms > 0.0 {
+        for stream in ["upstream", "downstream"] {
+            let body = serde_json::json!({
+                "name": format!("latency_{stream}"),
+                "type": "latency",
+                "stream": stream,
+                "attributes": {"latency": half_ms, "jitter": 0},
+            });
+            link.registry()
+                .add_toxic(name, &body)
+                .map_err(|e| anyhow::anyhow!("latency on proxy {name}: {}", e.message))?;
+        }
+    }
+    proxy
+        .listen_addr()
+        .with_context(|| format!("proxy {name} has no listen address"))
 }
 
 /// A port free on `ip` right now (bound and released). Only `stretch up` uses this, on a

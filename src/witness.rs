@@ -4,6 +4,10 @@
 //! `--bootstrap` initialises a fresh group of A (1), B (2) and W (3) with their addresses,
 //! once; on a node whose log already holds the group it is a no-op, so a restart with the
 //! same command line is safe. Prints `raft://ADDR` on stdout once listening.
+//!
+//! After a `force-survivor`, `--generation G` starts the witness as generation G's voter: a
+//! new node id, its Raft state in `gen-G/` of the data directory (generation.rs), empty until
+//! the survivor's `stretch readmit` adds it. The old generation's state stays unused.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -12,8 +16,9 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 use tracing::info;
 
+use stretch_witness::raft::generation::{generation_dir, read_generation, write_generation};
 use stretch_witness::raft::node::WitnessNode;
-use stretch_witness::raft::{BasicNode, NODE_A, NODE_B, NODE_W};
+use stretch_witness::raft::{node_id, BasicNode, Member, GENERATION_MAX, NODE_A, NODE_B, NODE_W};
 
 use crate::cli::WitnessArgs;
 
@@ -44,13 +49,36 @@ pub(crate) async fn start(
     dir: PathBuf,
     listen: SocketAddr,
     bootstrap: Option<(SocketAddr, SocketAddr)>,
+    generation: Option<u64>,
 ) -> anyhow::Result<RunningWitness> {
     std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+    let recorded = read_generation(&dir)
+        .with_context(|| format!("read the generation in {}", dir.display()))?;
+    let generation = match generation {
+        None => recorded,
+        Some(g) if g > GENERATION_MAX => bail!("--generation is at most {GENERATION_MAX}"),
+        Some(g) if g < recorded => bail!(
+            "{} is in generation {recorded}; a witness never goes back to generation {g}",
+            dir.display()
+        ),
+        Some(g) => {
+            if g > recorded {
+                write_generation(&dir, g)
+                    .with_context(|| format!("record generation {g} in {}", dir.display()))?;
+                info!(generation = g, "the witness joins a new generation");
+            }
+            g
+        }
+    };
+    if generation > 0 && bootstrap.is_some() {
+        bail!("--bootstrap makes generation 0's group; a later generation's witness is added by `stretch readmit` at the survivor");
+    }
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("listen for Raft on {listen}"))?;
     let addr = listener.local_addr().context("read the Raft address")?;
-    let node = WitnessNode::start(NODE_W, &dir, listener)
+    let id = node_id(generation, Member::W);
+    let node = WitnessNode::start(id, &generation_dir(&dir, generation), listener)
         .await
         .map_err(|e| anyhow::anyhow!("start the witness voter: {e}"))?;
     if let Some((a, b)) = bootstrap {
@@ -76,7 +104,7 @@ pub async fn run(args: WitnessArgs) -> anyhow::Result<()> {
         }
         (false, _, _) => bail!("--site-a/--site-b are only used with --bootstrap"),
     };
-    let witness = start(args.data_dir, args.listen, bootstrap).await?;
+    let witness = start(args.data_dir, args.listen, bootstrap, args.generation).await?;
     println!("raft://{}", witness.addr);
     crate::serve::wait_for_shutdown_signal().await;
     witness.stop().await;

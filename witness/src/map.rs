@@ -199,12 +199,16 @@ pub enum Command {
         site: Site,
         expected_epoch: Epoch,
     },
-    /// Applied as the first entry of the one-voter group that `force-survivor` creates: every
-    /// CG moves to the first epoch of `generation`, `survivor` is in sync and the other site
-    /// is detached and fenced, so it comes back only through a full resync.
+    /// The first entry of the one-voter group that `force-survivor` creates: every CG moves
+    /// to the first epoch of `generation`, `survivor` is in sync and the other site is
+    /// detached and fenced at that epoch, so it comes back only through a full resync.
+    /// `carried` is the survivor's last applied map of the old generation: a new group starts
+    /// with an empty map, and this entry installs the carried one first (refused on a map
+    /// that is not empty, so it can never overwrite a live group's history).
     ForceSurvivor {
         survivor: Site,
         generation: u64,
+        carried: Option<Box<ClusterMap>>,
     },
 }
 
@@ -238,6 +242,8 @@ pub enum Reject {
     StaleGeneration,
     #[error("epoch counter exhausted")]
     EpochExhausted,
+    #[error("a carried map is installed only into an empty map")]
+    MapNotEmpty,
 }
 
 /// The result of applying one command (or one CG of a `DetachMany`).
@@ -426,7 +432,17 @@ impl ClusterMap {
             Command::ForceSurvivor {
                 survivor,
                 generation,
+                ref carried,
             } => {
+                if let Some(carried) = carried {
+                    if *self != ClusterMap::default() {
+                        return rejected(Reject::MapNotEmpty);
+                    }
+                    if generation <= carried.generation {
+                        return rejected(Reject::StaleGeneration);
+                    }
+                    *self = (**carried).clone();
+                }
                 if generation <= self.generation {
                     return rejected(Reject::StaleGeneration);
                 }

@@ -254,6 +254,7 @@ fn force_survivor_starts_a_greater_generation() {
     let r = map.apply(&Command::ForceSurvivor {
         survivor: Site::B,
         generation: 1,
+        carried: None,
     });
     let g1 = Epoch::first(1);
     assert_eq!(r, ApplyResult::One(Outcome::Applied { epoch: g1 }));
@@ -270,9 +271,78 @@ fn force_survivor_starts_a_greater_generation() {
     let r = map.apply(&Command::ForceSurvivor {
         survivor: Site::A,
         generation: 1,
+        carried: None,
     });
     assert_eq!(
         r,
+        ApplyResult::One(Outcome::Rejected {
+            reason: Reject::StaleGeneration
+        })
+    );
+}
+
+// Reference: DESIGN §6 force-survivor: a new one-voter group starts with an empty map; its
+// first entry carries the survivor's last map over, so the CGs, their volumes and their
+// epochs survive into the new generation, every epoch of which is above the old ones.
+#[test]
+fn force_survivor_carries_the_old_map_into_a_new_group() {
+    let (mut old, e) = one_cg_map();
+    // The old history: A won a detach, then B resynced and rejoined, then A lost one.
+    old.apply(&Command::Detach {
+        cg: 10,
+        survivor: Site::A,
+        expected_epoch: e,
+    });
+    let last = old.cg(10).unwrap().epoch;
+    let mut fresh = ClusterMap::new();
+    let force = Command::ForceSurvivor {
+        survivor: Site::B,
+        generation: 1,
+        carried: Some(Box::new(old.clone())),
+    };
+    let r = fresh.apply(&force);
+    let g1 = Epoch::first(1);
+    assert_eq!(r, ApplyResult::One(Outcome::Applied { epoch: g1 }));
+    assert_eq!(fresh.generation, 1);
+    assert_eq!(fresh.volumes, old.volumes);
+    let cg = fresh.cg(10).unwrap();
+    assert!(cg.epoch > last, "{:?} <= {last:?}", cg.epoch);
+    // The detached site B is crowned: only this explicit override can do that.
+    assert_eq!(cg.state(Site::B), SiteState::InSync);
+    assert_eq!(cg.state(Site::A), SiteState::Detached);
+    // A is fenced below the new epoch: every frame it accepted in generation 0 is refused.
+    assert_eq!(cg.fenced_before(Site::A), g1);
+    assert_eq!(cg.active_site, Site::B);
+    // New CGs are created in the new generation.
+    fresh.apply(&Command::VolumeCreate {
+        volume: 2,
+        cg: 11,
+        size_bytes: 1 << 20,
+        policy: AckPolicy::Sync,
+        preference: Preference::Workload(Site::B),
+    });
+    assert_eq!(fresh.cg(11).unwrap().epoch, g1);
+    // A carried map never overwrites a live map, and a generation never repeats.
+    let before = fresh.clone();
+    assert_eq!(
+        fresh.apply(&Command::ForceSurvivor {
+            survivor: Site::A,
+            generation: 2,
+            carried: Some(Box::new(old.clone())),
+        }),
+        ApplyResult::One(Outcome::Rejected {
+            reason: Reject::MapNotEmpty
+        })
+    );
+    assert_eq!(fresh, before);
+    let mut again = old.clone();
+    again.generation = 3;
+    assert_eq!(
+        ClusterMap::new().apply(&Command::ForceSurvivor {
+            survivor: Site::A,
+            generation: 3,
+            carried: Some(Box::new(again)),
+        }),
         ApplyResult::One(Outcome::Rejected {
             reason: Reject::StaleGeneration
         })
@@ -460,6 +530,7 @@ fn to_command(map: &ClusterMap, spec: &Spec) -> Command {
         } => Command::ForceSurvivor {
             survivor: *survivor,
             generation: *generation,
+            carried: None,
         },
     }
 }

@@ -353,6 +353,7 @@ mod tests {
             payload: EntryPayload::Normal(Command::ForceSurvivor {
                 survivor: Site::A,
                 generation: index,
+                carried: None,
             }),
         }
     }

@@ -1,9 +1,14 @@
 //! The Raft group {A, B, W} (DESIGN §6) on openraft 0.9: a file-backed log and vote store,
 //! the cluster map as the state machine, and TCP networking with deadlines.
 //!
-//! Node ids are fixed at bootstrap: A = 1, B = 2, W = 3. An id is never reused: a node that
-//! lost its disk joins under a new id (`force-survivor` resets membership under new ids too).
+//! Node ids are derived from the group's generation: `generation << 8 | member`, member A = 1,
+//! B = 2, W = 3, so generation 0 is A = 1, B = 2, W = 3. `force-survivor` starts a new
+//! generation (generation.rs): a one-voter group under a new id, which the others rejoin under
+//! new ids too, so an id is never reused. Every RPC carries its sender's generation and a node
+//! refuses RPCs of another generation, so the abandoned group's messages are never merged into
+//! the new one.
 
+pub mod generation;
 pub mod log_store;
 pub mod network;
 pub mod node;
@@ -30,10 +35,52 @@ pub use openraft::BasicNode;
 pub type NodeId = u64;
 pub type Raft = openraft::Raft<TypeConfig>;
 
-/// The bootstrap ids of the three voters.
+/// The ids of the three voters in generation 0.
 pub const NODE_A: NodeId = 1;
 pub const NODE_B: NodeId = 2;
 pub const NODE_W: NodeId = 3;
+
+/// One of the three members of the group, whatever its generation's node id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Member {
+    A,
+    B,
+    W,
+}
+
+impl Member {
+    fn low_bits(self) -> NodeId {
+        match self {
+            Member::A => NODE_A,
+            Member::B => NODE_B,
+            Member::W => NODE_W,
+        }
+    }
+
+    /// The member a node id names, in any generation.
+    pub fn of(id: NodeId) -> Option<Member> {
+        match id & 0xff {
+            NODE_A => Some(Member::A),
+            NODE_B => Some(Member::B),
+            NODE_W => Some(Member::W),
+            _ => None,
+        }
+    }
+}
+
+/// Largest generation: the replicator's accept epoch keeps 8 bits for it (design.md,
+/// Departures), and node ids keep 56.
+pub const GENERATION_MAX: u64 = 255;
+
+/// The node id of `member` in `generation`: never the id of any member in another one.
+pub fn node_id(generation: u64, member: Member) -> NodeId {
+    (generation << 8) | member.low_bits()
+}
+
+/// The generation a node id belongs to.
+pub fn generation_of(id: NodeId) -> u64 {
+    id >> 8
+}
 
 /// Largest frame (a log record, an RPC) read from disk or the network. Map commands are small;
 /// a snapshot of `CGS_MAX` CGs stays well under it.

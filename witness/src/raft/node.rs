@@ -13,9 +13,11 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 use super::log_store::FileLogStore;
-use super::network::{forward, serve, RpcRequest, RpcResponse, TcpNetworkFactory};
+use super::network::{
+    dial_addr, forward, serve, PeerAddrs, RpcRequest, RpcResponse, ServeContext, TcpNetworkFactory,
+};
 use super::state_machine::MapStateMachine;
-use super::{NodeId, Raft};
+use super::{generation_of, NodeId, Raft};
 use crate::map::{ApplyResult, ClusterMap, Command};
 
 #[derive(Debug, thiserror::Error)]
@@ -48,10 +50,14 @@ pub fn raft_config() -> Result<Config, NodeError> {
 
 pub struct WitnessNode {
     pub id: NodeId,
+    /// The group's generation, from `id`: RPCs of any other generation are refused.
+    pub generation: u64,
     pub addr: SocketAddr,
     pub raft: Raft,
     sm: MapStateMachine,
-    server: JoinHandle<()>,
+    /// Taken by the first `stop`, which waits for it to end so the listener is closed.
+    server: std::sync::Mutex<Option<JoinHandle<()>>>,
+    peer_addrs: PeerAddrs,
 }
 
 impl WitnessNode {
@@ -61,26 +67,42 @@ impl WitnessNode {
         dir: &Path,
         listener: TcpListener,
     ) -> Result<WitnessNode, NodeError> {
+        WitnessNode::start_with(id, dir, listener, PeerAddrs::new()).await
+    }
+
+    /// Like `start`, dialing the members in `peer_addrs` at those addresses instead of their
+    /// membership addresses (a site reaches the other site's voter across the inter-site link).
+    pub async fn start_with(
+        id: NodeId,
+        dir: &Path,
+        listener: TcpListener,
+        peer_addrs: PeerAddrs,
+    ) -> Result<WitnessNode, NodeError> {
         let addr = listener.local_addr()?;
+        let generation = generation_of(id);
         let log = FileLogStore::open(dir)?;
         let sm = MapStateMachine::open(dir)?;
-        let raft = Raft::new(
-            id,
-            Arc::new(raft_config()?),
-            TcpNetworkFactory,
-            log,
-            sm.clone(),
-        )
-        .await
-        .map_err(|e| NodeError::Raft(e.to_string()))?;
+        let network = TcpNetworkFactory {
+            generation,
+            peer_addrs: peer_addrs.clone(),
+        };
+        let raft = Raft::new(id, Arc::new(raft_config()?), network, log, sm.clone())
+            .await
+            .map_err(|e| NodeError::Raft(e.to_string()))?;
         let server_raft = raft.clone();
-        let server = tokio::spawn(serve(listener, server_raft, sm.clone()));
+        let ctx = ServeContext {
+            generation,
+            peer_addrs: peer_addrs.clone(),
+        };
+        let server = tokio::spawn(serve(listener, server_raft, sm.clone(), ctx));
         Ok(WitnessNode {
             id,
+            generation,
             addr,
             raft,
             sm,
-            server,
+            server: std::sync::Mutex::new(Some(server)),
+            peer_addrs,
         })
     }
 
@@ -148,10 +170,59 @@ impl WitnessNode {
         m.membership_config
             .membership()
             .get_node(&leader)
-            .map(|n| n.addr.clone())
+            .map(|n| dial_addr(&self.peer_addrs, leader, &n.addr))
     }
 
-    /// Proposes `cmd` through whichever node leads: here, or forwarded once to the leader.
+    /// The current voters of the group (as this node knows the membership).
+    pub fn voters(&self) -> Vec<NodeId> {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        m.membership_config.membership().voter_ids().collect()
+    }
+
+    /// Adds `id` at `addr` as a learner and waits until it has caught up with the log, then
+    /// makes the voters `voters` (the leader only). Bounded by `deadline` in all.
+    pub async fn add_voters(
+        &self,
+        learners: BTreeMap<NodeId, BasicNode>,
+        voters: std::collections::BTreeSet<NodeId>,
+        deadline: Duration,
+    ) -> Result<(), NodeError> {
+        let work = async {
+            for (id, node) in learners {
+                self.raft
+                    .add_learner(id, node, true)
+                    .await
+                    .map_err(|e| NodeError::Raft(format!("add node {id} as a learner: {e}")))?;
+            }
+            self.raft
+                .change_membership(voters, false)
+                .await
+                .map_err(|e| NodeError::Raft(format!("change the voters: {e}")))?;
+            Ok(())
+        };
+        tokio::time::timeout(deadline, work)
+            .await
+            .map_err(|_| NodeError::Raft("membership change timed out".into()))?
+    }
+
+    /// Stops the node: Raft and the RPC server, without needing to own it (tasks still
+    /// holding it see errors). Returns once the listener is closed, so its address can be
+    /// bound again at once. Its directory keeps its durable state.
+    pub async fn stop(&self) {
+        let server = self.server.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(server) = server {
+            server.abort();
+            // Cancelled at its next await: the listener it owns is dropped by then.
+            let _ = server.await;
+        }
+        if let Err(e) = self.raft.shutdown().await {
+            tracing::warn!(error = %e, "raft shutdown");
+        }
+    }
+
+    /// Proposes `cmd` through whichever node leads: here, forwarded once to the leader, or
+    /// relayed to it by another voter when the leader does not answer (see `direct_share`).
     pub async fn propose_anywhere(
         &self,
         cmd: Command,
@@ -159,18 +230,70 @@ impl WitnessNode {
     ) -> Result<ApplyResult, NodeError> {
         let leader = match tokio::time::timeout(deadline, self.propose(cmd.clone())).await {
             Err(_) => return Err(NodeError::Raft("proposal timed out".into())),
-            Ok(Err(NodeError::NotLeader {
-                leader: Some(leader),
-            })) if leader != self.id => leader,
+            Ok(Err(NodeError::NotLeader { leader })) if leader != Some(self.id) => leader,
             Ok(other) => return other,
         };
-        match self
-            .forward(leader, RpcRequest::ClientWrite(cmd), deadline)
-            .await?
-        {
-            RpcResponse::ClientWrite(result) => Ok(result),
-            other => Err(forward_error(other)),
+        let direct = match leader {
+            Some(leader) => self
+                .forward(
+                    leader,
+                    RpcRequest::ClientWrite(cmd.clone()),
+                    direct_share(deadline),
+                )
+                .await
+                .and_then(|r| match r {
+                    RpcResponse::ClientWrite(result) => Ok(result),
+                    other => Err(forward_error(other)),
+                }),
+            None => Err(NodeError::NotLeader { leader: None }),
+        };
+        match direct {
+            Ok(result) => Ok(result),
+            Err(e) => match self
+                .relay(leader, RpcRequest::ClientWrite(cmd), deadline)
+                .await
+            {
+                Some(RpcResponse::ClientWrite(result)) => Ok(result),
+                _ => Err(e),
+            },
         }
+    }
+
+    /// Asks each other voter (not `leader`) in turn to pass `req` to the leader it knows; the
+    /// first answer that is not an error. A site that cannot reach the leader across a cut
+    /// link, or does not know it while it campaigns, reaches it through the witness.
+    async fn relay(
+        &self,
+        leader: Option<NodeId>,
+        req: RpcRequest,
+        deadline: Duration,
+    ) -> Option<RpcResponse> {
+        let others: Vec<(NodeId, String)> = {
+            let m = self.raft.metrics();
+            let m = m.borrow();
+            let membership = m.membership_config.membership();
+            membership
+                .voter_ids()
+                .filter(|id| *id != self.id && Some(*id) != leader)
+                .filter_map(|id| {
+                    membership
+                        .get_node(&id)
+                        .map(|n| (id, dial_addr(&self.peer_addrs, id, &n.addr)))
+                })
+                .collect()
+        };
+        let req = RpcRequest::Relay(Box::new(req));
+        for (id, addr) in others {
+            // Each voter is asked with its own deadline; the voters are few (two others).
+            match forward(self.generation, id, &addr, req.clone(), deadline).await {
+                Ok(RpcResponse::ClientWrite(r)) => return Some(RpcResponse::ClientWrite(r)),
+                Ok(RpcResponse::Map { index, map }) => {
+                    return Some(RpcResponse::Map { index, map })
+                }
+                _ => continue,
+            }
+        }
+        None
     }
 
     /// A linearizable read of the map through whichever node leads, with its log index.
@@ -182,16 +305,31 @@ impl WitnessNode {
             Err(_) => return Err(NodeError::Raft("read timed out".into())),
             Ok(Ok(_)) => return Ok(self.sm.indexed_map()),
             Ok(Err(e)) => match e.forward_to_leader() {
-                Some(f) => match f.leader_id {
-                    Some(leader) if leader != self.id => leader,
-                    other => return Err(NodeError::NotLeader { leader: other }),
-                },
+                Some(f) if f.leader_id != Some(self.id) => f.leader_id,
+                Some(f) => {
+                    return Err(NodeError::NotLeader {
+                        leader: f.leader_id,
+                    })
+                }
                 None => return Err(NodeError::Raft(e.to_string())),
             },
         };
-        match self.forward(leader, RpcRequest::ReadMap, deadline).await? {
-            RpcResponse::Map { index, map } => Ok((index, map)),
-            other => Err(forward_error(other)),
+        let direct = match leader {
+            Some(leader) => self
+                .forward(leader, RpcRequest::ReadMap, direct_share(deadline))
+                .await
+                .and_then(|r| match r {
+                    RpcResponse::Map { index, map } => Ok((index, map)),
+                    other => Err(forward_error(other)),
+                }),
+            None => Err(NodeError::NotLeader { leader: None }),
+        };
+        match direct {
+            Ok(read) => Ok(read),
+            Err(e) => match self.relay(leader, RpcRequest::ReadMap, deadline).await {
+                Some(RpcResponse::Map { index, map }) => Ok((index, map)),
+                _ => Err(e),
+            },
         }
     }
 
@@ -206,24 +344,35 @@ impl WitnessNode {
                 leader: Some(leader),
             });
         };
-        forward(leader, &addr, &req, deadline)
+        forward(self.generation, leader, &addr, req, deadline)
             .await
             .map_err(|e| NodeError::Raft(format!("forward to node {leader} at {addr}: {e}")))
     }
 
     /// Stops the node: Raft and the RPC server. Its directory keeps its durable state.
     pub async fn shutdown(self) {
-        self.server.abort();
-        if let Err(e) = self.raft.shutdown().await {
-            tracing::warn!(error = %e, "raft shutdown");
-        }
+        self.stop().await;
     }
+}
+
+/// The part of a forwarded request's deadline spent on the leader directly, before the other
+/// voters are asked to relay it. A healthy leader answers a forwarded proposal in one round
+/// trip plus an fsync; a leader across a cut link never answers, and the preferred site's
+/// detach must not wait the whole deadline for it. If a slow direct proposal commits after
+/// all, the relayed copy is a duplicate, which is harmless: every command a site forwards is
+/// a compare-and-set on the epoch or idempotent, and the proposer learns the outcome from
+/// the map, not from the reply.
+fn direct_share(deadline: Duration) -> Duration {
+    (deadline / 4).max(Duration::from_millis(200)).min(deadline)
 }
 
 fn forward_error(resp: RpcResponse) -> NodeError {
     match resp {
         RpcResponse::NotLeader(leader) => NodeError::NotLeader { leader },
         RpcResponse::Error(e) => NodeError::Raft(e),
+        RpcResponse::WrongGeneration { generation } => NodeError::Raft(format!(
+            "the leader is of generation {generation}: this node was left behind by a force-survivor"
+        )),
         other => NodeError::Raft(format!("unexpected reply {other:?}")),
     }
 }
