@@ -309,6 +309,8 @@ pub struct Replica {
     apply_requested: bool,
     /// `async`: the lag marker in flight (seq, sent at).
     lag_marker: Option<(u64, u64)>,
+    /// `async`: wire bytes of pending async writes (the lag in bytes).
+    async_bytes: usize,
     last_peer_write_us: Option<u64>,
     last_local_write_us: Option<u64>,
     last_rtt_sample_us: Option<u64>,
@@ -385,6 +387,7 @@ impl Replica {
             received_blocks: BTreeMap::new(),
             apply_requested: false,
             lag_marker: None,
+            async_bytes: 0,
             last_peer_write_us: None,
             last_local_write_us: None,
             last_rtt_sample_us: None,
@@ -439,13 +442,17 @@ impl Replica {
     /// `async`: bytes of this site's writes not yet durable at the peer, and the age of the
     /// oldest of them.
     pub fn async_lag(&self, now_us: u64) -> (u64, u64) {
-        let mut bytes = 0u64;
-        let mut oldest_us = None;
-        for p in self.pending.values().filter(|p| p.is_async) {
-            bytes += p.wire_bytes as u64;
-            oldest_us = Some(oldest_us.map_or(p.admitted_us, |o: u64| o.min(p.admitted_us)));
-        }
-        (bytes, oldest_us.map_or(0, |t| now_us.saturating_sub(t)))
+        // Pending writes are keyed by seq, which grows with admission: the first async one is
+        // the oldest. Both figures are O(1) here because admission asks for them per write.
+        let oldest_us = self
+            .pending
+            .values()
+            .find(|p| p.is_async)
+            .map(|p| p.admitted_us);
+        (
+            self.async_bytes as u64,
+            oldest_us.map_or(0, |t| now_us.saturating_sub(t)),
+        )
     }
 
     pub fn hlc(&self) -> u64 {
@@ -766,6 +773,7 @@ impl Replica {
         self.last_local_write_us = Some(now_us);
         let is_async = self.is_async_writer();
         if is_async {
+            self.async_bytes += wire_bytes;
             // Acknowledged once applied here (and durable here under FUA, flushed at the end
             // of this step before the ack leaves); shipped behind it.
             self.counters.writes_acked_async += 1;
@@ -1271,6 +1279,9 @@ impl Replica {
         }
         let p = self.pending.remove(&h.seq)?;
         self.inflight_bytes -= p.wire_bytes;
+        if p.is_async {
+            self.async_bytes -= p.wire_bytes;
+        }
         Some(p)
     }
 
@@ -1546,6 +1557,7 @@ impl Replica {
     }
 
     fn ack_pending_alone(&mut self, out: &mut Vec<Action>) {
+        self.async_bytes = 0;
         for (_, p) in std::mem::take(&mut self.pending) {
             if p.client_acked {
                 continue;
@@ -1614,6 +1626,7 @@ impl Replica {
             // Fenced: whatever these writes did here is settled by resync; the clients learn
             // EIO and the request is never re-issued. A write already acknowledged (received
             // by the survivor under sync-received) is the survivor's to keep.
+            self.async_bytes = 0;
             for (_, p) in std::mem::take(&mut self.pending) {
                 if !p.client_acked {
                     out.push(Action::FailClient {
@@ -1907,6 +1920,9 @@ impl Replica {
         for s in done {
             if let Some(p) = self.pending.remove(&s) {
                 self.inflight_bytes -= p.wire_bytes;
+                if p.is_async {
+                    self.async_bytes -= p.wire_bytes;
+                }
                 for b in self.release_blocks(p.lba, p.blocks) {
                     if !self.received_blocks.contains_key(&b) {
                         store.clear_dirty(b);
