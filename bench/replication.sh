@@ -8,7 +8,8 @@
 #
 # Usage: bench/replication.sh [STRETCH_BINARY]   (default target/release/stretch)
 # Knobs: STRETCH_BENCH_DURATION (per cell, default 10s), STRETCH_BENCH_DIR (volumes; default
-# a fresh directory under /var/tmp), STRETCH_BENCH_OUT (reports; default bench-out/replication),
+# a fresh directory under /var/tmp, removed on exit: each run writes about 1.8 GB),
+# STRETCH_BENCH_OUT (reports; default bench-out/replication),
 # STRETCH_BENCH_RTTS (default "1ms 5ms 10ms").
 # Every process it starts is stopped on exit; every wait is bounded.
 set -eu
@@ -17,14 +18,24 @@ BIN=${1:-target/release/stretch}
 DUR=${STRETCH_BENCH_DURATION:-10s}
 OUT=${STRETCH_BENCH_OUT:-bench-out/replication}
 RTTS=${STRETCH_BENCH_RTTS:-"1ms 5ms 10ms"}
-DIR=${STRETCH_BENCH_DIR:-$(mktemp -d /var/tmp/stretch-repl-bench.XXXXXX)}
+OWN_DIR=""
+if [ -n "${STRETCH_BENCH_DIR:-}" ]; then
+    DIR=$STRETCH_BENCH_DIR
+else
+    DIR=$(mktemp -d /var/tmp/stretch-repl-bench.XXXXXX)
+    OWN_DIR=$DIR
+fi
 SIZE=1GiB
 RANGE=256MiB
 
 [ -x "$BIN" ] || { echo "no stretch binary at $BIN (cargo build --release first)" >&2; exit 2; }
 mkdir -p "$OUT"
 PIDS=""
-cleanup() { for p in $PIDS; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+cleanup() {
+    for p in $PIDS; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    if [ -n "$OWN_DIR" ]; then rm -rf "$OWN_DIR"; fi
+}
 trap cleanup EXIT INT TERM
 
 # Waits (at most 60 s) until FILE contains a line starting with PREFIX.

@@ -142,12 +142,14 @@ impl ReplicatedVolume {
         let store = EngineStore::open(volume.clone(), handle)?;
         let shadow = store.shadow();
         let (inputs_tx, inputs_rx) = mpsc::channel(options.inputs_max.max(1));
+        let driver_stats = Arc::new(Mutex::new(DriverStats::default()));
+        let link_stats = Arc::new(Mutex::new(LinkStats::default()));
         let (outbound, outbound_rx) = driver::outbound_queue(
             options.driver.outbound_frames_max,
             options.driver.outbound_bytes_max,
+            cfg.cluster_id,
+            link_stats.clone(),
         );
-        let driver_stats = Arc::new(Mutex::new(DriverStats::default()));
-        let link_stats = Arc::new(Mutex::new(LinkStats::default()));
         let mutation_permits = Semaphore::new(cfg.admission_queue_max.max(1));
         let read_permits = Semaphore::new(cfg.reads_waiting_max.max(1));
         let (site, cluster_id) = (cfg.site, cfg.cluster_id);

@@ -14,6 +14,12 @@
 //! flushes at both sites. The core flushes inside its step, so a flush always precedes the
 //! actions that depend on it.
 //!
+//! Frames go to the socket from this thread when nothing is queued before them (a
+//! non-blocking `writev` of the batch's frames, see [`crate::link::Outbound`]): a hand-off to
+//! the link's writer task would put one more thread wake-up on every write's path, at both
+//! sites. What the socket does not take at once waits in the bounded outbound queue for the
+//! writer task.
+//!
 //! The thread never blocks on the link: a frame that does not fit the bounded outbound queue,
 //! or is produced while the link is down, is dropped and counted. The core resends every
 //! unacknowledged write and copy on a timer and on link-up, and applying one twice is
@@ -23,7 +29,6 @@
 use std::collections::{BTreeSet, HashMap};
 use std::io::Write as _;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -102,7 +107,9 @@ pub struct DriverConfig {
     /// Frames queued for the link writer.
     pub outbound_frames_max: usize,
     /// How often regions with no dirty block left are cleared in the engine (each clear
-    /// flushes the volume, so not after every ack).
+    /// flushes the volume, so not after every ack). A region is cleared only once it has
+    /// been clean and unmarked for a whole interval, and the volume quiet for it or the
+    /// region clean for 20 intervals (see `EngineStore::clear_clean_regions`).
     pub region_clear_interval_us: u64,
     /// Where a loser's divergent blocks are appended (DESIGN.md §4 "Resync").
     pub divergent_path: PathBuf,
@@ -114,7 +121,7 @@ impl DriverConfig {
             batch_inputs_max: 256,
             outbound_bytes_max: 128 * 1024 * 1024,
             outbound_frames_max: 8192,
-            region_clear_interval_us: 1_000_000,
+            region_clear_interval_us: 500_000,
             divergent_path,
         }
     }
@@ -159,48 +166,7 @@ pub struct DriverStats {
     pub unrecoverable_blocks: u64,
 }
 
-/// The sending half of the bounded outbound queue (replica thread -> link writer).
-#[derive(Clone)]
-pub struct Outbound {
-    pub(crate) tx: mpsc::Sender<Vec<u8>>,
-    pub(crate) queued_bytes: Arc<AtomicUsize>,
-    bytes_max: usize,
-}
-
-/// The receiving half, owned by the link task across connections.
-pub struct OutboundRx {
-    pub(crate) rx: mpsc::Receiver<Vec<u8>>,
-    pub(crate) queued_bytes: Arc<AtomicUsize>,
-}
-
-pub fn outbound_queue(frames_max: usize, bytes_max: usize) -> (Outbound, OutboundRx) {
-    let (tx, rx) = mpsc::channel(frames_max.max(1));
-    let queued_bytes = Arc::new(AtomicUsize::new(0));
-    (
-        Outbound {
-            tx,
-            queued_bytes: queued_bytes.clone(),
-            bytes_max,
-        },
-        OutboundRx { rx, queued_bytes },
-    )
-}
-
-impl Outbound {
-    /// Queues `bytes` without waiting; false if the queue is full.
-    pub(crate) fn try_push(&self, bytes: Vec<u8>) -> bool {
-        let len = bytes.len();
-        if self.queued_bytes.load(Ordering::SeqCst) + len > self.bytes_max {
-            return false;
-        }
-        self.queued_bytes.fetch_add(len, Ordering::SeqCst);
-        if self.tx.try_send(bytes).is_err() {
-            self.queued_bytes.fetch_sub(len, Ordering::SeqCst);
-            return false;
-        }
-        true
-    }
-}
+pub use crate::link::{outbound_queue, Outbound, OutboundRx};
 
 struct PendingOp {
     reply: oneshot::Sender<Reply>,
@@ -251,6 +217,7 @@ pub fn spawn(
                 stats,
                 clock,
                 pending: HashMap::new(),
+                frames_out: Vec::new(),
                 link_up: false,
                 local: DriverStats::default(),
             }
@@ -265,6 +232,8 @@ struct ReplicaThread {
     stats: Arc<Mutex<DriverStats>>,
     clock: Clock,
     pending: HashMap<ClientOpId, PendingOp>,
+    /// Encoded frames of the current step or batch, sent together by [`Self::send_frames`].
+    frames_out: Vec<Vec<u8>>,
     link_up: bool,
     local: DriverStats,
 }
@@ -315,10 +284,10 @@ impl ReplicaThread {
                     self.publish(&replica);
                 }
                 for action in step_out.drain(..) {
-                    // Two kinds of frame go at once rather than after the batch:
-                    // - heartbeats claim nothing about data, so the rest of the batch does not
-                    //   inflate the RTT sample (time queued behind other inputs of this thread
-                    //   still does);
+                    // Two kinds of frame go before the batch's engine writes rather than after:
+                    // - heartbeats claim nothing about data, so the engine wait does not
+                    //   inflate the RTT sample (the rest of the batch's steps still do; the
+                    //   link times heartbeats at the socket too, see `LinkStats`);
                     // - this site's own mutations: the peer applies them while this site's
                     //   gathered engine writes are submitted below, so the local write hides
                     //   inside the round trip. Safe because the peer's ack is handled only in
@@ -363,6 +332,12 @@ impl ReplicaThread {
                 );
                 actions.extend(step_out.drain(..).map(|a| (a, self.link_up)));
             }
+            if self.store.failure().is_some() {
+                break;
+            }
+            // The batch's immediate frames leave together, in one write, before its engine
+            // writes are submitted.
+            self.send_frames();
             // The gathered writes reach the engine before any action reports them, so a
             // checksum failure among the batch's reads is known below.
             self.store.submit();
@@ -374,6 +349,7 @@ impl ReplicaThread {
             for (action, link_up) in actions.drain(..) {
                 self.dispatch(action, link_up, &unreadable);
             }
+            self.send_frames();
             let now_us = self.clock.now_us();
             if now_us.saturating_sub(last_region_clear_us) >= self.driver.region_clear_interval_us {
                 last_region_clear_us = now_us;
@@ -410,12 +386,10 @@ impl ReplicaThread {
                     // such copies (`read_checked`); this is the second line.
                     return;
                 }
-                if !link_up {
-                    self.local.frames_dropped_link_down += 1;
-                } else if self.outbound.try_push(frame.encode()) {
-                    self.local.frames_queued += 1;
+                if link_up {
+                    self.frames_out.push(frame.encode());
                 } else {
-                    self.local.frames_dropped_queue_full += 1;
+                    self.local.frames_dropped_link_down += 1;
                 }
             }
             Action::AckClient { id, .. } | Action::FlushDone { id } => self.reply(id, Reply::Done),
@@ -454,6 +428,18 @@ impl ReplicaThread {
                 );
             }
         }
+    }
+
+    /// Hands the gathered frames to the link: written to the socket at once when nothing is
+    /// queued before them (no hand-off to the link's writer task), queued otherwise.
+    fn send_frames(&mut self) {
+        let count = self.frames_out.len();
+        if count == 0 {
+            return;
+        }
+        let accepted = self.outbound.push_all(&mut self.frames_out);
+        self.local.frames_queued += accepted as u64;
+        self.local.frames_dropped_queue_full += (count - accepted) as u64;
     }
 
     fn reply(&mut self, id: ClientOpId, reply: Reply) {
