@@ -6,7 +6,7 @@
 # Usage: bench/policies.sh [STRETCH_BINARY]   (default target/release/stretch)
 # Knobs: STRETCH_BENCH_DURATION (per cell, default 10s), STRETCH_BENCH_RTT (default 5ms),
 # STRETCH_BENCH_POLICIES (default "sync sync-received async adaptive"), STRETCH_BENCH_DIR (volumes;
-# default a fresh directory under /var/tmp), STRETCH_BENCH_OUT (default bench-out/policies).
+# default a fresh directory under /var/tmp, removed on exit), STRETCH_BENCH_OUT (default bench-out/policies).
 # Every process it starts is stopped on exit; every wait is bounded.
 set -eu
 
@@ -15,23 +15,7 @@ DUR=${STRETCH_BENCH_DURATION:-10s}
 RTT=${STRETCH_BENCH_RTT:-5ms}
 POLICIES=${STRETCH_BENCH_POLICIES:-"sync sync-received async adaptive"}
 OUT=${STRETCH_BENCH_OUT:-bench-out/policies}
-DIR=${STRETCH_BENCH_DIR:-$(mktemp -d /var/tmp/stretch-policy-bench.XXXXXX)}
-
-[ -x "$BIN" ] || { echo "no stretch binary at $BIN (cargo build --release first)" >&2; exit 2; }
-mkdir -p "$OUT"
-PIDS=""
-cleanup() { for p in $PIDS; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
-trap cleanup EXIT INT TERM
-
-# Waits (at most 60 s) until FILE contains a line starting with PREFIX.
-wait_line() {
-    i=0
-    while ! grep -q "^$2" "$1" 2>/dev/null; do
-        i=$((i + 1))
-        [ "$i" -le 600 ] || { echo "timed out waiting for '$2' in $1" >&2; exit 1; }
-        sleep 0.1
-    done
-}
+. "$(dirname "$0")/lib.sh"
 
 for policy in $POLICIES; do
     echo "two sites at $RTT RTT, policy $policy (stretch up) ..." >&2

@@ -18,35 +18,9 @@ BIN=${1:-target/release/stretch}
 DUR=${STRETCH_BENCH_DURATION:-10s}
 OUT=${STRETCH_BENCH_OUT:-bench-out/replication}
 RTTS=${STRETCH_BENCH_RTTS:-"1ms 5ms 10ms"}
-OWN_DIR=""
-if [ -n "${STRETCH_BENCH_DIR:-}" ]; then
-    DIR=$STRETCH_BENCH_DIR
-else
-    DIR=$(mktemp -d /var/tmp/stretch-repl-bench.XXXXXX)
-    OWN_DIR=$DIR
-fi
 SIZE=1GiB
 RANGE=256MiB
-
-[ -x "$BIN" ] || { echo "no stretch binary at $BIN (cargo build --release first)" >&2; exit 2; }
-mkdir -p "$OUT"
-PIDS=""
-cleanup() {
-    for p in $PIDS; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    if [ -n "$OWN_DIR" ]; then rm -rf "$OWN_DIR"; fi
-}
-trap cleanup EXIT INT TERM
-
-# Waits (at most 60 s) until FILE contains a line starting with PREFIX.
-wait_line() {
-    i=0
-    while ! grep -q "^$2" "$1" 2>/dev/null; do
-        i=$((i + 1))
-        [ "$i" -le 600 ] || { echo "timed out waiting for '$2' in $1" >&2; exit 1; }
-        sleep 0.1
-    done
-}
+. "$(dirname "$0")/lib.sh"
 
 bench() { # OUTDIR ARGS...
     o=$1; shift

@@ -39,32 +39,7 @@ fn site_a(dir: &std::path::Path, policy: &str) -> Site {
 }
 
 fn site_b(dir: &std::path::Path, peer: &str, policy: &str) -> Site {
-    Site::stretch_site(
-        dir,
-        &[
-            "--site",
-            "b",
-            "--cluster-id",
-            "41",
-            "--peer",
-            peer,
-            "--volume",
-            "vol",
-            "--size",
-            PAIR_SIZE,
-            "--listen",
-            "127.0.0.2:0",
-            "--admin",
-            "127.0.0.2:0",
-            "--buffered-io",
-            "--request-timeout-ms",
-            PAIR_REQUEST_TIMEOUT_MS,
-            "--policy",
-            policy,
-            "--active-site",
-            "a",
-        ],
-    )
+    common::pair_site_b_with(dir, "41", peer, &["--policy", policy, "--active-site", "a"])
 }
 
 struct Pair {

@@ -261,26 +261,30 @@ admin = "127.0.0.1:0"
 /// Site B of a two-site test: it dials `peer` (the link emulator in front of site A) and is
 /// configured by flags only.
 pub fn pair_site_b(dir: &Path, cluster_id: &str, peer: &str) -> Site {
-    Site::stretch_site(
-        dir,
-        &[
-            "--site",
-            "b",
-            "--cluster-id",
-            cluster_id,
-            "--peer",
-            peer,
-            "--volume",
-            "vol",
-            "--size",
-            PAIR_SIZE,
-            "--listen",
-            "127.0.0.2:0",
-            "--admin",
-            "127.0.0.2:0",
-            "--buffered-io",
-            "--request-timeout-ms",
-            PAIR_REQUEST_TIMEOUT_MS,
-        ],
-    )
+    pair_site_b_with(dir, cluster_id, peer, &[])
+}
+
+/// [`pair_site_b`] with `extra` flags (e.g. `--policy async`).
+pub fn pair_site_b_with(dir: &Path, cluster_id: &str, peer: &str, extra: &[&str]) -> Site {
+    let mut args = vec![
+        "--site",
+        "b",
+        "--cluster-id",
+        cluster_id,
+        "--peer",
+        peer,
+        "--volume",
+        "vol",
+        "--size",
+        PAIR_SIZE,
+        "--listen",
+        "127.0.0.2:0",
+        "--admin",
+        "127.0.0.2:0",
+        "--buffered-io",
+        "--request-timeout-ms",
+        PAIR_REQUEST_TIMEOUT_MS,
+    ];
+    args.extend_from_slice(extra);
+    Site::stretch_site(dir, &args)
 }
