@@ -4,9 +4,12 @@
 //! Run: `cargo bench -p stretch-engine` (about two minutes).
 //! Knobs: `STRETCH_BENCH_DIR` (where the 1 GiB volume goes; default the temp dir — put it on
 //! the disk you care about), `STRETCH_BENCH_SIZE_MIB` (default 1024), `STRETCH_BENCH_SECS` per
-//! cell (default 4); for profiling, `STRETCH_BENCH_FILTER` (workloads containing it, e.g.
-//! `randread`), `STRETCH_BENCH_QD` (1 or 32) and `STRETCH_BENCH_RUNNERS` (a comma list of
-//! `stretch-uring`, `stretch-psync`, `fio-io_uring`, `fio-psync`). Without fio the engine rows still run and a loud SKIPPED line says so;
+//! cell (default 4), `STRETCH_BENCH_ROUNDS` (default 1: with N, each cell runs N times, the
+//! runners taking turns, and the table shows medians — for a noisy shared disk); for
+//! profiling, `STRETCH_BENCH_FILTER` (workloads containing it, e.g. `randread`),
+//! `STRETCH_BENCH_QD` (1 or 32) and `STRETCH_BENCH_RUNNERS` (a comma list of `stretch-uring`,
+//! `stretch-psync`, `fio-io_uring`, `fio-psync`). Without fio the engine rows still run and a
+//! loud SKIPPED line says so;
 //! with `STRETCH_REQUIRE_TOOLS=1` a missing fio is a failure.
 //!
 //! Each Stretch cell runs QD tasks on a current-thread tokio runtime; every task loops: pick a
@@ -46,6 +49,7 @@ fn main() {
     }
     let size_bytes = env_u64("STRETCH_BENCH_SIZE_MIB", 1024) * 1024 * 1024;
     let secs = env_u64("STRETCH_BENCH_SECS", 4);
+    let rounds = env_u64("STRETCH_BENCH_ROUNDS", 1).max(1);
     let base = std::env::var_os("STRETCH_BENCH_DIR")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(std::env::temp_dir);
@@ -98,52 +102,91 @@ fn main() {
             if qd_only.is_some_and(|only| only != qd) {
                 continue;
             }
-            for kind in [IoEngineKind::Uring, IoEngineKind::Psync] {
-                if !runners.contains(&format!("stretch-{kind}").as_str()) {
-                    continue;
+            // Rounds alternate the runners, so a drift in the shared disk's latency (other
+            // I/O on the machine) hits them alike; each figure is the median over rounds.
+            for round in 0..rounds {
+                if rounds > 1 {
+                    eprintln!("{workload} qd{qd} round {}/{rounds}", round + 1);
                 }
-                let cfg = VolumeConfig {
-                    io_engine: kind,
-                    ..VolumeConfig::default()
-                };
-                let vol = Arc::new(Volume::open(dir.path(), "bench", &cfg).expect("open"));
-                let name = format!("stretch {}", vol.io_engine_name());
-                let (iops, p50_us, p99_us) =
-                    rt.block_on(run_engine(vol, workload, qd, size_bytes, secs));
-                eprintln!("{workload} qd{qd} {name}: {iops:.0} IOPS p50 {p50_us:.1} us p99 {p99_us:.1} us");
-                cells.push(Cell {
-                    workload,
-                    qd,
-                    runner: name,
-                    iops,
-                    p50_us,
-                    p99_us,
-                });
-            }
-            if fio {
-                for ioengine in ["io_uring", "psync"] {
-                    if !runners.contains(&format!("fio-{ioengine}").as_str()) {
+                for kind in [IoEngineKind::Uring, IoEngineKind::Psync] {
+                    if !runners.contains(&format!("stretch-{kind}").as_str()) {
                         continue;
                     }
-                    match run_fio(&data_path, workload, qd, ioengine, size_bytes, secs, direct) {
-                        Ok((iops, p50_us, p99_us)) => {
-                            eprintln!("{workload} qd{qd} fio {ioengine}: {iops:.0} IOPS p50 {p50_us:.1} us p99 {p99_us:.1} us");
-                            cells.push(Cell {
-                                workload,
-                                qd,
-                                runner: format!("fio {ioengine}"),
-                                iops,
-                                p50_us,
-                                p99_us,
-                            });
+                    let cfg = VolumeConfig {
+                        io_engine: kind,
+                        ..VolumeConfig::default()
+                    };
+                    let vol = Arc::new(Volume::open(dir.path(), "bench", &cfg).expect("open"));
+                    let name = format!("stretch {}", vol.io_engine_name());
+                    let (iops, p50_us, p99_us) =
+                        rt.block_on(run_engine(vol, workload, qd, size_bytes, secs));
+                    eprintln!("{workload} qd{qd} {name}: {iops:.0} IOPS p50 {p50_us:.1} us p99 {p99_us:.1} us");
+                    cells.push(Cell {
+                        workload,
+                        qd,
+                        runner: name,
+                        iops,
+                        p50_us,
+                        p99_us,
+                    });
+                }
+                if fio {
+                    for ioengine in ["io_uring", "psync"] {
+                        if !runners.contains(&format!("fio-{ioengine}").as_str()) {
+                            continue;
                         }
-                        Err(err) => eprintln!("fio {ioengine} {workload} qd{qd} failed: {err}"),
+                        match run_fio(&data_path, workload, qd, ioengine, size_bytes, secs, direct)
+                        {
+                            Ok((iops, p50_us, p99_us)) => {
+                                eprintln!("{workload} qd{qd} fio {ioengine}: {iops:.0} IOPS p50 {p50_us:.1} us p99 {p99_us:.1} us");
+                                cells.push(Cell {
+                                    workload,
+                                    qd,
+                                    runner: format!("fio {ioengine}"),
+                                    iops,
+                                    p50_us,
+                                    p99_us,
+                                });
+                            }
+                            Err(err) => eprintln!("fio {ioengine} {workload} qd{qd} failed: {err}"),
+                        }
                     }
                 }
             }
         }
     }
-    print_table(&cells, secs, direct);
+    print_table(&median_over_rounds(&cells), secs, direct, rounds);
+}
+
+/// One cell per workload, depth and runner: the median IOPS, p50 and p99 over its rounds.
+fn median_over_rounds(samples: &[Cell]) -> Vec<Cell> {
+    let mut out: Vec<Cell> = Vec::new();
+    for s in samples {
+        if out
+            .iter()
+            .any(|c| c.workload == s.workload && c.qd == s.qd && c.runner == s.runner)
+        {
+            continue;
+        }
+        let same: Vec<&Cell> = samples
+            .iter()
+            .filter(|c| c.workload == s.workload && c.qd == s.qd && c.runner == s.runner)
+            .collect();
+        let median = |f: fn(&Cell) -> f64| {
+            let mut v: Vec<f64> = same.iter().map(|c| f(c)).collect();
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        out.push(Cell {
+            workload: s.workload,
+            qd: s.qd,
+            runner: s.runner.clone(),
+            iops: median(|c| c.iops),
+            p50_us: median(|c| c.p50_us),
+            p99_us: median(|c| c.p99_us),
+        });
+    }
+    out
 }
 
 async fn prefill(vol: &Volume, size_bytes: u64) {
@@ -277,11 +320,12 @@ fn run_fio(
     Ok((iops, p("50.000000"), p("99.000000")))
 }
 
-fn print_table(cells: &[Cell], secs: u64, direct: bool) {
+fn print_table(cells: &[Cell], secs: u64, direct: bool, rounds: u64) {
     println!();
     println!(
-        "4 KiB random I/O, {secs} s per cell, O_DIRECT={direct}. Ratios: stretch io_uring vs fio \
-         io_uring, stretch psync vs fio psync (IOPS: higher is better; p50: lower is better)."
+        "4 KiB random I/O, {secs} s per cell and round, {rounds} round(s) (medians), \
+         O_DIRECT={direct}. Ratios: stretch io_uring vs fio io_uring, stretch psync vs fio psync \
+         (IOPS: higher is better; p50: lower is better)."
     );
     println!();
     println!("| workload | QD | runner | IOPS | p50 µs | p99 µs | IOPS / fio | p50 / fio |");

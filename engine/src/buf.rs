@@ -82,6 +82,14 @@ impl AlignedBuf {
         buf
     }
 
+    /// A buffer of `len` bytes for a read to fill completely: its contents are initialised but
+    /// unspecified (zeroes, or bytes an earlier buffer of this thread held), which saves
+    /// zeroing a pooled block on the read path. Callers never hand its contents out unless
+    /// the read succeeded in full (a short read is an error, never success).
+    pub(crate) fn for_overwrite(len: usize) -> Self {
+        Self::allocate(len).0
+    }
+
     /// A buffer of `len` bytes whose contents are initialised but unspecified: zeroes (`true`)
     /// or what a previous buffer of this thread held (`false`).
     fn allocate(len: usize) -> (Self, bool) {

@@ -780,7 +780,7 @@ impl Volume {
             .io(IoOp::Read {
                 file: self.data,
                 offset: first * BLOCK_BYTES,
-                buf: AlignedBuf::zeroed(len),
+                buf: AlignedBuf::for_overwrite(len),
             })
             .await?
             .ok_or_else(|| BlockError::Io(io::Error::other("engine lost the read buffer")))?;
@@ -839,13 +839,19 @@ impl Volume {
             _ => Vec::new(),
         };
         let _guards = self.locks.write(first, count).await;
-        let apply: Vec<bool> = match mode {
-            ApplyMode::Always => vec![true; count as usize],
-            ApplyMode::IfNewer => (0..count)
-                .map(|i| stamp > self.records.get(first + i).stamp)
-                .collect(),
+        // "Always" is one run of every block, with no per-block bookkeeping to allocate.
+        let every_block = 0..count;
+        let newer_runs;
+        let runs: &[std::ops::Range<u64>] = match mode {
+            ApplyMode::Always => std::slice::from_ref(&every_block),
+            ApplyMode::IfNewer => {
+                let apply: Vec<bool> = (0..count)
+                    .map(|i| stamp > self.records.get(first + i).stamp)
+                    .collect();
+                newer_runs = true_runs(&apply);
+                &newer_runs
+            }
         };
-        let runs = true_runs(&apply);
         let applied_blocks: u64 = runs.iter().map(|r| r.end - r.start).sum();
         let outcome = ApplyOutcome {
             applied_blocks,
@@ -867,7 +873,7 @@ impl Volume {
             )
             .await?;
         let whole = runs.len() == 1 && runs[0].start == 0 && runs[0].end == count;
-        for run in &runs {
+        for run in runs {
             let run_lba = first + run.start;
             let run_blocks = run.end - run.start;
             let run_offset = run_lba * BLOCK_BYTES;

@@ -199,6 +199,19 @@ pub trait Reap: Send + Sync {
     /// Hands operations the engine deferred (to batch them) to the kernel, then delivers
     /// whatever completions are ready. Waits for the engine's lock, briefly.
     fn flush(&self) {}
+    /// Whether [`Reap::wait_briefly`] would be tried now. The future then yields once first,
+    /// so the other tasks its runtime has ready run (and submit) before it blocks the thread.
+    fn may_wait_briefly(&self) -> bool {
+        false
+    }
+    /// Called by a future whose result is not in yet, before it stores its waker: when the
+    /// operation is the only one the device has, the engine may block this thread in the
+    /// kernel until it completes — for a bounded time — and deliver it, which is quicker than
+    /// sleeping in the runtime and being woken through it. True if it waited (the caller then
+    /// looks for its result again).
+    fn wait_briefly(&self) -> bool {
+        false
+    }
 }
 
 /// The caller's side of an operation: a future, or [`Completion::wait`] from blocking code.
@@ -208,7 +221,10 @@ pub struct Completion {
     /// The engine left the operation unsubmitted to batch it: the first poll yields once (so
     /// other tasks can add theirs), the next flushes. Dropping or waiting flushes too.
     deferred: bool,
+    /// The future yielded once (to batch a deferred operation, or before a brief wait).
     yielded: bool,
+    /// It yielded before a brief wait, which the next poll tries (see [`Reap::wait_briefly`]).
+    brief_on_repoll: bool,
 }
 
 /// The engine's side of an operation: completes it exactly once (dropping it without
@@ -232,6 +248,7 @@ pub fn completion_pair() -> (Completer, Completion) {
             reaper: None,
             deferred: false,
             yielded: false,
+            brief_on_repoll: false,
         },
     )
 }
@@ -319,6 +336,26 @@ impl Future for Completion {
                 }
             } else if let Some(reaper) = &this.reaper {
                 reaper.reap();
+                if let Some(done) = this.take_done() {
+                    return Poll::Ready(done);
+                }
+                let brief = std::mem::take(&mut this.brief_on_repoll) || reaper.may_wait_briefly();
+                if brief {
+                    // Blocking the thread must not hold up tasks that are ready: yield once,
+                    // so they run (and their I/O makes this operation no longer alone).
+                    if !std::mem::replace(&mut this.yielded, true) {
+                        this.brief_on_repoll = true;
+                        cx.waker().wake_by_ref();
+                        return Poll::Pending;
+                    }
+                    // Before the waker is stored, so a completion delivered meanwhile does not
+                    // wake (and re-poll) the task that is already running.
+                    if reaper.wait_briefly() {
+                        if let Some(done) = this.take_done() {
+                            return Poll::Ready(done);
+                        }
+                    }
+                }
             }
         }
         let mut state = lock(&this.slot.state);

@@ -8,6 +8,11 @@
 //! queue and wakes the waiting tasks on the runtime's own thread — the kernel wakes one thread
 //! per batch, as it does fio's. A future also drains the queue itself when polled.
 //!
+//! At queue depth 1 — the future's operation is the only one on the ring — the future does not
+//! go back to its runtime at all: it waits inside `io_uring_enter(GETEVENTS)` on its own thread,
+//! as fio does, for a bounded time, and returns with the result (`Shared::wait_briefly`). That
+//! skips the eventfd, two `epoll_wait`s and two task polls per operation.
+//!
 //! The dedicated ring thread sleeps on a condition variable while such a reaper task exists,
 //! and otherwise sleeps in `io_uring_enter(GETEVENTS)`: when a caller blocks in
 //! `Completion::wait` (management calls without a runtime), when the runtime has no I/O driver
@@ -28,11 +33,11 @@ use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::thread::JoinHandle;
 
-use io_uring::{opcode, types, IoUring, Probe};
+use io_uring::{opcode, types, EnterFlags, IoUring, Probe};
 
 use super::{
     lock, Completer, Completion, FileId, IoDone, IoEngine, IoOp, OpenMode, RealFiles, Reap,
@@ -48,6 +53,19 @@ const WAKE_TAG: u64 = u64::MAX;
 const PENDING_JOBS_MAX: usize = 4096;
 /// A transient error (EAGAIN, EINTR) is retried this many times before it is reported.
 const RETRIES_MAX: u32 = 8;
+/// The hard bound on one brief wait (see `Shared::wait_briefly`). It is longer than a timer
+/// tick at 250 Hz and more on purpose: a kernel timeout earlier than the next tick makes the
+/// kernel reprogram the CPU's timer when the wait starts and again when it ends — two VM exits
+/// on a virtual machine, measured at +2 µs per 4 KiB read with a 100 µs timeout, against
+/// nothing measurable at 3–20 ms. The time actually spent blocked is kept short by
+/// `BRIEF_WAIT_SLOW_NS` instead; this bound only matters when the device stalls.
+const BRIEF_WAIT_TIMEOUT_NS: u64 = 5_000_000;
+/// A brief wait longer than this (a slow device: a disk, a remote volume) makes the next
+/// ones be skipped: 1, 2, 4 … `BRIEF_SKIP_MAX` of them after slow waits in a row; one quick
+/// wait resets that. A fast device with a rare slow request loses one wait; a slow one blocks
+/// a thread in at most one of every `BRIEF_SKIP_MAX` + 1 operations it runs alone.
+const BRIEF_WAIT_SLOW_NS: u64 = 500_000;
+const BRIEF_SKIP_MAX: u32 = 1024;
 
 struct InFlight {
     op: IoOp,
@@ -114,6 +132,18 @@ struct Shared {
     demand_cv: Condvar,
     /// Mirror of `Demand::fallback`, read without the lock on every pending poll.
     fallback: AtomicBool,
+    /// A reaper task delivers completions (so the ring thread sleeps on its condition
+    /// variable): `Demand::reaper` is set and not `fallback`. Read without the lock by
+    /// `wait_briefly`, which must not race the ring thread for completions.
+    async_reaper: AtomicBool,
+    /// The kernel takes a timeout with `io_uring_enter` (IORING_FEAT_EXT_ARG, Linux 5.11).
+    ext_arg: bool,
+    /// Brief waits still to skip after a slow one, and how many the last slow one set.
+    brief_skip: AtomicU32,
+    brief_backoff: AtomicU32,
+    /// Brief waits done (tests check the fast path is taken).
+    #[cfg(test)]
+    brief_waits: std::sync::atomic::AtomicU64,
     /// Set by `UringEngine::new`: the weak self handed to reaper tasks.
     me: Mutex<Weak<Shared>>,
     /// The engine was dropped: reaper tasks end (woken through the eventfd).
@@ -273,15 +303,45 @@ impl Shared {
         }
     }
 
+    /// A brief wait (see `wait_briefly`) can be tried: the kernel takes a timeout, a reaper
+    /// task (not the ring thread) delivers completions, and the ring holds one operation —
+    /// the caller's, whose result is not in — with nothing queued behind it.
+    fn alone(&self, state: &State) -> bool {
+        self.ext_arg
+            && !self.fallback.load(Ordering::Relaxed)
+            && self.async_reaper.load(Ordering::Relaxed)
+            && !state.stopping
+            && !state.broken
+            && state.in_flight == 1
+            && state.unsubmitted == 0
+            && state.pending.is_empty()
+    }
+
+    /// Wakes the reaper task as a completion would.
+    fn signal_eventfd(&self) {
+        let one = 1u64;
+        // SAFETY: writes 8 bytes from a local u64 to the eventfd this engine owns.
+        unsafe { libc::write(self.eventfd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+    }
+
     fn set_demand(&self, change: impl FnOnce(&mut Demand)) {
         let mut demand = lock(&self.demand);
         change(&mut demand);
-        if demand.fallback {
-            self.fallback.store(true, Ordering::Relaxed);
-        }
+        self.mirror_demand(&demand);
         if demand.thread_needed() {
             self.demand_cv.notify_all();
         }
+    }
+
+    /// Updates the lock-free copies of `demand` (its lock held).
+    fn mirror_demand(&self, demand: &Demand) {
+        if demand.fallback {
+            self.fallback.store(true, Ordering::Relaxed);
+        }
+        self.async_reaper.store(
+            demand.reaper.is_some() && !demand.fallback,
+            Ordering::Relaxed,
+        );
     }
 
     /// Starts a reaper task on the current runtime; false if there is no runtime or it has no
@@ -373,6 +433,7 @@ impl Reap for Shared {
                     // Claimed before spawning (without holding the lock across the spawn: a
                     // runtime shutting down drops the task, and its guard, at once).
                     demand.reaper = Some(id);
+                    self.mirror_demand(&demand);
                     drop(demand);
                     if self.spawn_reaper(&handle, id) {
                         return;
@@ -404,6 +465,90 @@ impl Reap for Shared {
         for (completer, done) in finished {
             completer.complete(done);
         }
+    }
+
+    /// The queue-depth-1 fast path. Normally a future waits in its runtime: the completion's
+    /// task work interrupts the runtime thread's `epoll_wait`, posts the CQE and signals the
+    /// eventfd; the runtime polls again, runs the reaper task (which reads the eventfd and
+    /// reaps), which wakes the future's task — two `epoll_wait`s, a `read` and two task polls
+    /// after the wake-up. When the operation is the only one on the ring, this thread has no
+    /// other completion of this engine to deliver and nothing to batch, so it waits as fio
+    /// does: inside `io_uring_enter(GETEVENTS)`, where the kernel runs the task work and
+    /// returns with the CQE. A sleep, never a spin, bounded by `BRIEF_WAIT_TIMEOUT_NS` and
+    /// kept brief by the back-off of `BRIEF_WAIT_SLOW_NS`. Not while the ring thread reaps
+    /// (it would wake for the same CQE), nor with other operations in flight.
+    ///
+    /// The eventfd is muted meanwhile (IORING_CQ_EVENTFD_DISABLED), so the completion does not
+    /// also wake the runtime for a reaper task that would find nothing. Another thread's
+    /// operation completing while it is muted is delivered here: the unmute and reap below run
+    /// under the state lock, and if anything is still in flight afterwards the eventfd is
+    /// signalled by hand — the kernel may have seen the mute just before it was lifted, and
+    /// its CQE may not be visible to this reap yet; the reaper task then delivers it.
+    fn may_wait_briefly(&self) -> bool {
+        let alone = self.state.try_lock().is_ok_and(|state| self.alone(&state));
+        // Counted here, once per operation that could wait, so skipped ones count too.
+        alone
+            && self
+                .brief_skip
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                .is_err()
+    }
+
+    fn wait_briefly(&self) -> bool {
+        {
+            let Ok(state) = self.state.try_lock() else {
+                return false;
+            };
+            if !self.alone(&state) {
+                return false;
+            }
+            // SAFETY: the state lock is held, so no other CompletionQueue handle exists.
+            unsafe { self.ring.completion_shared() }.disable_eventfd();
+        }
+        let started = std::time::Instant::now();
+        let timeout = types::Timespec::from(std::time::Duration::from_nanos(BRIEF_WAIT_TIMEOUT_NS));
+        let args = types::SubmitArgs::new().timespec(&timeout);
+        let flags = EnterFlags::GETEVENTS | EnterFlags::EXT_ARG;
+        // SAFETY: submits nothing (to_submit 0) and waits for one completion; `args` is an
+        // `io_uring_getevents_arg` (SubmitArgs is repr(transparent)) pointing at `timeout`,
+        // both alive for the call; the kernel accepts EXT_ARG (checked at start).
+        let waited = unsafe {
+            self.ring.submitter().enter::<types::SubmitArgs<'_, '_>>(
+                0,
+                1,
+                flags.bits(),
+                Some(&args),
+            )
+        };
+        // EINTR (a signal) and the like count as quick: the reaper task delivers as usual.
+        let timed_out = matches!(&waited, Err(err) if err.raw_os_error() == Some(libc::ETIME));
+        let slow = timed_out || started.elapsed().as_nanos() > u128::from(BRIEF_WAIT_SLOW_NS);
+        let backoff = brief_backoff(self.brief_backoff.load(Ordering::Relaxed), slow);
+        self.brief_backoff.store(backoff, Ordering::Relaxed);
+        self.brief_skip.store(backoff, Ordering::Relaxed);
+        #[cfg(test)]
+        self.brief_waits.fetch_add(1, Ordering::Relaxed);
+        let mut finished = Vec::new();
+        let still_in_flight = {
+            let mut state = lock(&self.state);
+            // SAFETY: the state lock is held, so no other CompletionQueue handle exists.
+            unsafe { self.ring.completion_shared() }.enable_eventfd();
+            // The unmute must be visible before the CQ tail is read (a locked RMW on x86
+            // already is a full barrier; this keeps other architectures honest).
+            std::sync::atomic::fence(Ordering::SeqCst);
+            if !state.stopping {
+                let mut cqes = Vec::new();
+                self.reap_locked(&mut state, &mut cqes, &mut finished);
+            }
+            state.in_flight > 0
+        };
+        for (completer, done) in finished {
+            completer.complete(done);
+        }
+        if still_in_flight {
+            self.signal_eventfd();
+        }
+        true
     }
 
     fn blocking_waiter(&self, waiting: bool) {
@@ -448,6 +593,7 @@ impl UringEngine {
     pub fn new(entries: u32) -> io::Result<UringEngine> {
         let entries = entries.clamp(8, 4096);
         let ring = IoUring::new(entries)?;
+        let ext_arg = ring.params().is_feature_ext_arg();
         // SAFETY: eventfd takes integer arguments only.
         let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
         if efd < 0 {
@@ -489,6 +635,12 @@ impl UringEngine {
             demand: Mutex::new(Demand::default()),
             demand_cv: Condvar::new(),
             fallback: AtomicBool::new(false),
+            async_reaper: AtomicBool::new(false),
+            ext_arg,
+            brief_skip: AtomicU32::new(0),
+            brief_backoff: AtomicU32::new(0),
+            #[cfg(test)]
+            brief_waits: std::sync::atomic::AtomicU64::new(0),
             me: Mutex::new(Weak::new()),
             closed: AtomicBool::new(false),
         });
@@ -616,15 +768,7 @@ impl Drop for UringEngine {
         }
         // End the reaper task (if any) now rather than when its runtime shuts down.
         self.shared.closed.store(true, Ordering::Release);
-        let one = 1u64;
-        // SAFETY: writes 8 bytes from a local u64 to the eventfd this engine owns.
-        unsafe {
-            libc::write(
-                self.shared.eventfd.as_raw_fd(),
-                (&one as *const u64).cast(),
-                8,
-            )
-        };
+        self.shared.signal_eventfd();
     }
 }
 
@@ -683,6 +827,16 @@ fn op_file(op: &IoOp) -> io::Result<FileId> {
 /// was the best of 1x–16x and of "only when idle" in side-by-side runs against fio at QD32.
 fn submit_now(in_kernel: usize, waiting: usize) -> bool {
     waiting * 100 > in_kernel * BATCH_PER_IN_KERNEL_PCT
+}
+
+/// Brief waits to skip after one that was `slow` (or timed out), given the skip after the
+/// previous one: none after a quick wait, doubling after slow ones in a row.
+fn brief_backoff(previous: u32, slow: bool) -> u32 {
+    if slow {
+        previous.saturating_mul(2).clamp(1, BRIEF_SKIP_MAX)
+    } else {
+        0
+    }
 }
 
 /// The ring thread: wait for completions, finish them, refill.
@@ -870,6 +1024,101 @@ mod tests {
         }
         batches.push(waiting);
         assert_eq!(batches, [1, 9, 22]);
+    }
+
+    /// After a slow brief wait the next ones are skipped, doubling up to the cap; a quick one
+    /// ends the back-off.
+    #[test]
+    fn brief_waits_back_off_after_slow_ones() {
+        let mut skip = 0;
+        let mut seen = Vec::new();
+        for _ in 0..13 {
+            skip = brief_backoff(skip, true);
+            seen.push(skip);
+        }
+        assert_eq!(
+            seen,
+            [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 1024, 1024]
+        );
+        assert_eq!(brief_backoff(skip, false), 0);
+        assert_eq!(brief_backoff(0, false), 0);
+    }
+
+    /// Queue depth 1 on a runtime with an I/O driver: the futures wait in the kernel (brief
+    /// waits), and the eventfd is never left muted, so overlapping operations — which are
+    /// not waited for that way — still complete through the reaper task.
+    #[test]
+    fn queue_depth_one_waits_in_the_kernel_and_leaves_the_eventfd_armed() {
+        let (_dir, engine, file) = engine_and_file(true);
+        if !engine.shared.ext_arg || !engine.is_direct(file) {
+            eprintln!("SKIPPED: needs IORING_FEAT_EXT_ARG and O_DIRECT in the temp dir");
+            return;
+        }
+        let engine = Arc::new(engine);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()
+            .expect("runtime");
+        let eventfd_muted = |engine: &UringEngine| {
+            let _state = lock(&engine.shared.state);
+            // SAFETY: the state lock is held, so no other CompletionQueue handle exists.
+            unsafe { engine.shared.ring.completion_shared() }.eventfd_disabled()
+        };
+        rt.block_on(async {
+            for i in 0..64u64 {
+                let offset = (i % 8) * 8192;
+                let seed = i as u8;
+                let done = engine
+                    .submit(IoOp::Write {
+                        file,
+                        offset,
+                        buf: pattern(seed),
+                    })
+                    .await;
+                done.result.expect("write");
+                let done = engine
+                    .submit(IoOp::Read {
+                        file,
+                        offset,
+                        buf: AlignedBuf::zeroed(8192),
+                    })
+                    .await;
+                done.result.expect("read");
+                assert_eq!(&done.buf.expect("buffer")[..], &pattern(seed)[..]);
+            }
+        });
+        let brief = engine.shared.brief_waits.load(Ordering::Relaxed);
+        assert!(
+            brief >= 64,
+            "only {brief} of 128 QD1 operations waited in the kernel"
+        );
+        assert!(!eventfd_muted(&engine), "eventfd left muted");
+        // Now overlapping operations: some wait briefly, the others rely on the eventfd.
+        rt.block_on(async {
+            let mut tasks = Vec::new();
+            for i in 0..16u64 {
+                let engine = engine.clone();
+                tasks.push(tokio::spawn(async move {
+                    for round in 0..8u8 {
+                        let offset = (i % 8) * 8192 + 64 * 1024;
+                        engine
+                            .submit(IoOp::Write {
+                                file,
+                                offset,
+                                buf: pattern(round),
+                            })
+                            .await
+                            .result
+                            .expect("write");
+                        tokio::task::yield_now().await;
+                    }
+                }));
+            }
+            for t in tasks {
+                t.await.expect("task");
+            }
+        });
+        assert!(!eventfd_muted(&engine), "eventfd left muted");
     }
 
     /// Page-cached files: writes go inline (pwrite), reads try RWF_NOWAIT, and a read past the
