@@ -211,20 +211,7 @@ fn print_table(clients: &[AdminClient], answers: &[anyhow::Result<Value>]) {
             },
             leader(&status["control"]["raft_leader"]),
         ]);
-        if role == "survivor" || repl["single_copy"].as_bool() == Some(true) {
-            warnings.push(format!(
-                "WARNING: SINGLE COPY: site {site} serves volume {volume} alone (the other site is detached); losing site {site} now loses data"
-            ));
-        } else if role == "loser" {
-            warnings.push(format!(
-                "WARNING: SINGLE COPY: site {site} is detached from volume {volume}: it serves nothing until resync and rejoin, and the volume's only current copy is at the other site"
-            ));
-        }
-        if repl["failed"].as_bool() == Some(true) {
-            warnings.push(format!(
-                "WARNING: site {site}: replication stopped after a disk error; every request fails with EIO until a restart"
-            ));
-        }
+        warnings.extend(site_warnings(&site, &volume, &role, repl));
     }
     let widths: Vec<usize> = (0..rows[0].len())
         .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
@@ -239,5 +226,61 @@ fn print_table(clients: &[AdminClient], answers: &[anyhow::Result<Value>]) {
     }
     for w in warnings {
         println!("{w}");
+    }
+}
+
+/// The loud lines under the table for one site: anything that puts data at risk or stops
+/// service, so that an operator scanning the output cannot miss it.
+fn site_warnings(site: &str, volume: &str, role: &str, repl: &Value) -> Vec<String> {
+    let mut warnings = Vec::new();
+    if role == "survivor" || repl["single_copy"].as_bool() == Some(true) {
+        warnings.push(format!(
+            "WARNING: SINGLE COPY: site {site} serves volume {volume} alone (the other site is detached); losing site {site} now loses data"
+        ));
+    } else if role == "loser" {
+        warnings.push(format!(
+            "WARNING: SINGLE COPY: site {site} is detached from volume {volume}: it serves nothing until resync and rejoin, and the volume's only current copy is at the other site"
+        ));
+    }
+    if repl["failed"].as_bool() == Some(true) {
+        warnings.push(format!(
+            "WARNING: site {site}: replication stopped after a disk error; every request fails with EIO until a restart"
+        ));
+    }
+    // Blocks that failed their checksum here with no in-sync peer to repair them: reads of
+    // them fail with EIO and a catching-up peer does not get them (docs/operations.md).
+    if let Some(n) = repl["unrecoverable_blocks"].as_u64().filter(|&n| n > 0) {
+        warnings.push(format!(
+            "WARNING: site {site}: {n} block(s) of volume {volume} are damaged with no in-sync copy to repair them from; reads of them fail with EIO until they are written again (docs/operations.md, \"Damaged blocks\")"
+        ));
+    }
+    warnings
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn warnings_name_every_risk_to_data() {
+        let healthy = json!({"single_copy": false, "failed": false, "unrecoverable_blocks": 0});
+        assert!(site_warnings("a", "vol", "in-sync", &healthy).is_empty());
+
+        let w = site_warnings("a", "vol", "survivor", &healthy);
+        assert_eq!(w.len(), 1);
+        assert!(
+            w[0].contains("SINGLE COPY") && w[0].contains("site a"),
+            "{w:?}"
+        );
+
+        let w = site_warnings("b", "vol", "loser", &healthy);
+        assert!(w[0].contains("detached"), "{w:?}");
+
+        let damaged = json!({"failed": true, "unrecoverable_blocks": 3});
+        let w = site_warnings("a", "vol", "in-sync", &damaged);
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(w[0].contains("disk error"), "{w:?}");
+        assert!(w[1].contains("3 block(s)") && w[1].contains("EIO"), "{w:?}");
     }
 }
