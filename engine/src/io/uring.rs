@@ -997,6 +997,28 @@ mod tests {
         (dir, engine, file)
     }
 
+    /// Writes `pattern(seed)` at `offset`, reads it back and checks it.
+    async fn write_and_read_back(engine: &UringEngine, file: FileId, offset: u64, seed: u8) {
+        engine
+            .submit(IoOp::Write {
+                file,
+                offset,
+                buf: pattern(seed),
+            })
+            .await
+            .result
+            .expect("write");
+        let done = engine
+            .submit(IoOp::Read {
+                file,
+                offset,
+                buf: AlignedBuf::zeroed(8192),
+            })
+            .await;
+        done.result.expect("read");
+        assert_eq!(&done.buf.expect("buffer")[..], &pattern(seed)[..]);
+    }
+
     fn pattern(seed: u8) -> AlignedBuf {
         let mut buf = AlignedBuf::zeroed(8192);
         for (i, b) in buf.iter_mut().enumerate() {
@@ -1067,24 +1089,7 @@ mod tests {
         rt.block_on(async {
             for i in 0..64u64 {
                 let offset = (i % 8) * 8192;
-                let seed = i as u8;
-                let done = engine
-                    .submit(IoOp::Write {
-                        file,
-                        offset,
-                        buf: pattern(seed),
-                    })
-                    .await;
-                done.result.expect("write");
-                let done = engine
-                    .submit(IoOp::Read {
-                        file,
-                        offset,
-                        buf: AlignedBuf::zeroed(8192),
-                    })
-                    .await;
-                done.result.expect("read");
-                assert_eq!(&done.buf.expect("buffer")[..], &pattern(seed)[..]);
+                write_and_read_back(&engine, file, offset, i as u8).await;
             }
         });
         let brief = engine.shared.brief_waits.load(Ordering::Relaxed);
@@ -1167,24 +1172,7 @@ mod tests {
                     let engine = engine.clone();
                     tasks.push(tokio::spawn(async move {
                         let offset = (i % 8) * 8192;
-                        engine
-                            .submit(IoOp::Write {
-                                file,
-                                offset,
-                                buf: pattern(seed),
-                            })
-                            .await
-                            .result
-                            .expect("write");
-                        let done = engine
-                            .submit(IoOp::Read {
-                                file,
-                                offset,
-                                buf: AlignedBuf::zeroed(8192),
-                            })
-                            .await;
-                        done.result.expect("read");
-                        assert_eq!(&done.buf.expect("buffer")[..], &pattern(seed)[..]);
+                        write_and_read_back(&engine, file, offset, seed).await;
                     }));
                 }
                 for t in tasks {
