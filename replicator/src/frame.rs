@@ -59,6 +59,16 @@ pub const FLAG_REFUSED: u32 = 1 << 4;
 /// checksum, is not settled, or the sender is not in sync); the body is empty. The requester
 /// fails what waits on the block at once instead of timing out (see `core::repair`).
 pub const FLAG_UNREADABLE: u32 = 1 << 5;
+/// `flags` of a ResyncRequest sent by the survivor to a catching-up loser: the body lists
+/// blocks the survivor will copy (its copy plan, chunked like a request); the loser counts
+/// them stale until their copies land (see `core::replica`, "Reads while catching up").
+pub const FLAG_PLAN: u32 = 1 << 6;
+/// `flags` of a ResyncRequest sent by a catching-up loser: a read waits for these blocks,
+/// copy them first. Not part of the loser's dirty list (no chunk counting).
+pub const FLAG_PRIORITY: u32 = 1 << 7;
+/// `flags` of a HeartbeatEcho from a survivor to a catching-up loser: the echo grants a read
+/// lease, and the survivor will not acknowledge alone until it surely lapsed.
+pub const FLAG_LEASE: u32 = 1 << 8;
 
 const OFF_MAGIC: usize = 0;
 const OFF_VERSION: usize = 4;

@@ -72,6 +72,10 @@ pub enum Fault {
     /// Repair asks, and answers, a peer that is not in sync at the current epoch (breaks
     /// §4 "Repair ... takes data only from a peer in-sync at the current epoch").
     RepairFromAnyPeer,
+    /// The survivor acknowledges alone as soon as a catching-up peer stops being a sync
+    /// target, without waiting for the read lease it granted to lapse: the peer may then
+    /// serve a read older than an acknowledged write (breaks §4 "Resync", invariant 4).
+    AloneDuringReadLease,
 }
 
 /// Static configuration of one replica.
@@ -107,6 +111,13 @@ pub struct Config {
     /// ack. Beyond it a received write is applied before its ack, as under `sync`.
     pub receive_queue_bytes_max: usize,
     pub fault: Fault,
+    /// A catching-up site serves reads for this long after the send time of its latest
+    /// heartbeat the survivor echoed with a lease (DESIGN.md §4 "Resync").
+    pub read_lease_us: u64,
+    /// Clock rate difference the lease allows, in parts per million.
+    pub lease_drift_ppm: u64,
+    /// Slack on top of the lease for a pause of the survivor's process.
+    pub lease_margin_us: u64,
 }
 
 impl Config {
@@ -129,6 +140,9 @@ impl Config {
             policy: Policy::default(),
             receive_queue_bytes_max: 16 * 1024 * 1024,
             fault: Fault::None,
+            read_lease_us: 600_000,
+            lease_drift_ppm: 1_000,
+            lease_margin_us: 50_000,
         }
     }
 }

@@ -64,8 +64,8 @@ use super::{
     Mode, Policy, Role,
 };
 use crate::frame::{
-    Frame, Header, Kind, BODY_BYTES_MAX, FLAG_ACK_ON_RECEIVE, FLAG_FUA, FLAG_RECEIVED,
-    FLAG_REFUSED, FLAG_UNTRUSTED,
+    Frame, Header, Kind, BODY_BYTES_MAX, FLAG_ACK_ON_RECEIVE, FLAG_FUA, FLAG_LEASE, FLAG_PLAN,
+    FLAG_PRIORITY, FLAG_RECEIVED, FLAG_REFUSED, FLAG_UNTRUSTED,
 };
 use crate::stamp::{Hlc, SiteId, StampParts};
 
@@ -192,6 +192,16 @@ struct WaitingRead {
 #[derive(Debug, Default)]
 struct ResyncOut {
     to_send: BTreeSet<u64>,
+    /// Survivor: blocks of `to_send` a read at the catching-up loser waits for; sent first.
+    /// Bounded by `PRIORITY_BLOCKS_MAX`.
+    priority: BTreeSet<u64>,
+    /// Survivor: the id of the loser's request that started this link session's resync;
+    /// copies and the plan carry it as their seq, so the loser can tell them from frames of
+    /// an earlier session.
+    request_id: u64,
+    /// Survivor: the request id this resync started under; acks of copies sent under it or
+    /// any later id of this session count.
+    first_request_id: u64,
     /// Per block: the stamp sent and when.
     in_flight: BTreeMap<u64, (Stamp, u64)>,
     /// Survivor: the newest request id seen and which of its chunks arrived.
@@ -247,6 +257,12 @@ pub struct Counters {
     pub reads_failed_unreadable: u64,
     /// Resync copies withheld because the block fails its checksum here (never sent).
     pub copies_withheld_unreadable: u64,
+    /// Catching up: reads served from blocks already resynced (or never stale).
+    pub catchup_reads_local: u64,
+    /// Catching up: reads that waited for blocks copied first (a priority request).
+    pub catchup_reads_pulled: u64,
+    /// Catching up: blocks of the survivor's plan marked stale here.
+    pub plan_blocks_marked: u64,
 }
 
 /// One site's replication state for one volume; see the module documentation.
@@ -316,7 +332,28 @@ pub struct Replica {
     last_rtt_sample_us: Option<u64>,
     /// Blocks being repaired from the peer and what waits on them (`core::repair`).
     repair: repair::RepairState,
+    /// The time of the step being run (for rules deep in the call tree).
+    now_us: u64,
+    /// Survivor: no acknowledgement alone before this time, because a catching-up peer may
+    /// still serve reads under a lease this site granted (or may have, before a restart).
+    alone_hold_until_us: u64,
+    /// Loser: reads may be served until this time (own clock), if the plan is complete.
+    read_lease_until_us: Option<u64>,
+    /// Loser: the survivor's copy plan of this link session: (plan id, chunks seen).
+    plan_chunks: Option<(u64, BTreeSet<u64>)>,
+    /// Loser: every block of the plan is marked dirty here, in this link session.
+    plan_complete: bool,
+    /// Loser: the id of its first resync request in this link session and epoch; a plan or
+    /// copy with a smaller seq belongs to an earlier session and cleans nothing.
+    catchup_floor: Option<u64>,
+    /// Loser: blocks a copy of this session already settled. The link may reorder frames,
+    /// so a plan chunk can arrive after a copy of one of its blocks; it must not mark that
+    /// block stale again (no second copy would come). At most one entry per block copied.
+    catchup_copied: BTreeSet<u64>,
 }
+
+/// Blocks a catching-up loser's reads may ask to be copied first, at the survivor.
+const PRIORITY_BLOCKS_MAX: usize = 4096;
 
 impl Replica {
     /// Starts (or restarts after a crash) from the store and the committed map. Volatile
@@ -392,7 +429,19 @@ impl Replica {
             last_local_write_us: None,
             last_rtt_sample_us: None,
             repair: repair::RepairState::default(),
+            now_us,
+            alone_hold_until_us: 0,
+            read_lease_until_us: None,
+            plan_chunks: None,
+            plan_complete: false,
+            catchup_floor: None,
+            catchup_copied: BTreeSet::new(),
         };
+        if replica.map.role == Role::Survivor {
+            // Before this restart a catching-up peer may have been granted a read lease that
+            // still runs: wait as if one was granted just now.
+            replica.alone_hold_until_us = replica.hold_after_grant(now_us);
+        }
         replica.reset_mode();
         replica.persist_hlc(store);
         info!(site = replica.cfg.site, ?map, "replica started");
@@ -436,6 +485,8 @@ impl Replica {
             Role::Survivor => true,
             Role::Loser => false,
             Role::InSync => self.mode_known && !self.refuses_io(),
+            // (A catching-up loser serves reads through the replica: they depend on its
+            // lease and its dirty set.)
         }
     }
 
@@ -513,6 +564,7 @@ impl Replica {
         out: &mut Vec<Action>,
     ) {
         self.repair.now_us = now_us;
+        self.now_us = now_us;
         match event {
             Event::ClientWrite { id, lba, data, fua } => {
                 if data.is_empty() || data.len() % BLOCK_BYTES != 0 {
@@ -627,8 +679,19 @@ impl Replica {
                 id,
                 error: ClientError::Io,
             }),
-            Role::Survivor if !self.peer_is_sync_target() => {
+            Role::Survivor if !self.peer_is_sync_target() && !self.alone_hold(now_us) => {
                 self.accept_alone(now_us, queued, store, out)
+            }
+            Role::Survivor if !self.peer_is_sync_target() => {
+                // A read lease granted to the catching-up peer may still run: the write waits.
+                if self.admission.len() < self.cfg.admission_queue_max {
+                    self.admission.push_back(queued);
+                } else {
+                    out.push(Action::FailClient {
+                        id,
+                        error: ClientError::Busy,
+                    });
+                }
             }
             _ => {
                 let wire = crate::frame::HEADER_BYTES + queued.mutation.body_bytes();
@@ -649,6 +712,48 @@ impl Replica {
     /// Survivor only: the peer is catching up, so live writes wait for it (§4 "Resync").
     fn peer_is_sync_target(&self) -> bool {
         self.link_up && self.resync_out.is_some()
+    }
+
+    /// Survivor: a read lease granted to the catching-up peer may still run, so nothing may
+    /// be acknowledged that the peer has not applied ("Reads while catching up").
+    fn alone_hold(&self, now_us: u64) -> bool {
+        self.cfg.fault != Fault::AloneDuringReadLease && now_us < self.alone_hold_until_us
+    }
+
+    /// Until when a lease granted at `now_us` may run at the peer, on any clock: the lease
+    /// started at the peer before this grant, and its clock may run `lease_drift_ppm` slow.
+    fn hold_after_grant(&self, now_us: u64) -> u64 {
+        let lease = self.cfg.read_lease_us;
+        let drift = lease.saturating_mul(self.cfg.lease_drift_ppm) / 1_000_000;
+        now_us
+            .saturating_add(lease)
+            .saturating_add(drift)
+            .saturating_add(self.cfg.lease_margin_us)
+    }
+
+    /// Loser: may a read be served now? Only once the survivor's copy plan of this link
+    /// session is in (so every block the survivor wrote alone is dirty here), and under a
+    /// lease (so the survivor acknowledges nothing this site has not applied).
+    fn loser_serves(&self, now_us: u64) -> bool {
+        self.map.role == Role::Loser
+            && self.plan_complete
+            && self.read_lease_until_us.is_some_and(|until| now_us < until)
+    }
+
+    /// Survivor: acknowledges alone the writes the catching-up peer has not applied, once
+    /// the peer is no longer a sync target and no lease it was granted can still run.
+    fn release_alone(&mut self, now_us: u64, store: &mut dyn BlockStore, out: &mut Vec<Action>) {
+        if self.map.role != Role::Survivor
+            || self.peer_is_sync_target()
+            || self.alone_hold(now_us)
+        {
+            return;
+        }
+        if !self.pending.is_empty() {
+            self.ack_pending_alone(out);
+            self.serve_reads(store, out);
+        }
+        self.drain_admission(now_us, store, out);
     }
 
     fn window_has_room(&self, wire_bytes: usize) -> bool {
@@ -815,6 +920,9 @@ impl Replica {
                     self.admission.pop_front();
                 }
                 Role::Survivor if !self.peer_is_sync_target() => {
+                    if self.alone_hold(now_us) {
+                        break;
+                    }
                     let Some(q) = self.admission.pop_front() else {
                         break;
                     };
@@ -975,7 +1083,8 @@ impl Replica {
             });
             return;
         }
-        if self.map.role == Role::Loser || (self.map.role == Role::InSync && self.refuses_io()) {
+        let loser_refuses = self.map.role == Role::Loser && !self.loser_serves(self.now_us);
+        if loser_refuses || (self.map.role == Role::InSync && self.refuses_io()) {
             if self.map.role == Role::InSync {
                 self.counters.requests_refused_passive += 1;
             }
@@ -988,8 +1097,17 @@ impl Replica {
         let read = WaitingRead { id, lba, blocks };
         // Reads are independent: one waiting for a block never holds back a read of others.
         if self.can_serve(&read, store) {
+            if self.map.role == Role::Loser {
+                self.counters.catchup_reads_local += 1;
+            }
             self.serve_checked(read, store, out);
         } else if self.reads.len() < self.cfg.reads_waiting_max {
+            if self.map.role == Role::Loser {
+                // Not resynced yet: ask the survivor to copy these blocks first; the read is
+                // served here once they landed.
+                self.counters.catchup_reads_pulled += 1;
+                self.send_priority_request(&read, store, out);
+            }
             self.reads.push_back(read);
         } else {
             out.push(Action::FailClient {
@@ -1003,8 +1121,13 @@ impl Replica {
     /// for the peer (or whose state after a crash is not yet settled with the peer) waits.
     fn can_serve(&self, read: &WaitingRead, store: &dyn BlockStore) -> bool {
         match self.map.role {
-            Role::Survivor => true,
-            Role::Loser => false,
+            // A write the catching-up peer has not yet applied (or one held back after a cut
+            // while its lease may run) is not yet acknowledged: a read here must not return
+            // it before the peer's reads can (invariant 4 across the two sites).
+            Role::Survivor => !(read.lba..read.lba + u64::from(read.blocks))
+                .any(|b| self.block_pending.contains_key(&b)),
+            // Catching up: a block clean here is current (see "Reads while catching up").
+            Role::Loser => !(read.lba..read.lba + u64::from(read.blocks)).any(|b| store.is_dirty(b)),
             Role::InSync if !self.mode_known => false,
             // The async writer's blocks stay dirty until the peer made them durable; its
             // reads wait for nothing but blocks a crash left unsettled.
@@ -1025,8 +1148,8 @@ impl Replica {
             return;
         }
         let mut still = VecDeque::with_capacity(self.reads.len());
-        let refuse =
-            self.map.role == Role::Loser || (self.map.role == Role::InSync && self.refuses_io());
+        let refuse = (self.map.role == Role::Loser && !self.loser_serves(self.now_us))
+            || (self.map.role == Role::InSync && self.refuses_io());
         while let Some(read) = self.reads.pop_front() {
             if refuse {
                 out.push(Action::FailClient {
@@ -1188,7 +1311,19 @@ impl Replica {
             }
             Kind::WriteAck => self.on_write_ack(now_us, &h, store, out),
             Kind::WriteNack => self.on_write_nack(now_us, &h, store, out),
-            Kind::Heartbeat => out.push(Action::SendFrame(self.reply(Kind::HeartbeatEcho, &h))),
+            Kind::Heartbeat => {
+                let mut echo = self.reply(Kind::HeartbeatEcho, &h);
+                if self.map.role == Role::Survivor
+                    && self.peer_is_sync_target()
+                    && h.accept_epoch == self.map.epoch
+                {
+                    // The catching-up peer applies every live write before its ack, so it
+                    // may serve reads; this grant holds back acks alone until it lapsed.
+                    echo.header.flags |= FLAG_LEASE;
+                    self.alone_hold_until_us = self.hold_after_grant(now_us);
+                }
+                out.push(Action::SendFrame(echo));
+            }
             Kind::HeartbeatEcho => self.on_heartbeat_echo(now_us, &h),
             Kind::ResyncRequest => self.on_resync_request(now_us, &h, &frame.body, store, out),
             Kind::ResyncBlock => self.on_resync_block(now_us, &h, &frame.body, store, out),
@@ -1379,6 +1514,14 @@ impl Replica {
             return;
         };
         let sample_us = now_us.saturating_sub(sent_us);
+        if h.flags & FLAG_LEASE != 0
+            && self.map.role == Role::Loser
+            && h.accept_epoch == self.map.epoch
+        {
+            // The lease runs from the send time of the heartbeat, which was before the grant.
+            let until = sent_us.saturating_add(self.cfg.read_lease_us);
+            self.read_lease_until_us = Some(self.read_lease_until_us.map_or(until, |u| u.max(until)));
+        }
         // TCP's srtt smoothing (RFC 6298, alpha = 1/8).
         self.rtt_us_smoothed = Some(match self.rtt_us_smoothed {
             None => sample_us,
@@ -1391,6 +1534,11 @@ impl Replica {
     // ----- link and time -------------------------------------------------------------------
 
     fn on_tick(&mut self, now_us: u64, store: &mut dyn BlockStore, out: &mut Vec<Action>) {
+        // Time alone ends the survivor's hold and the loser's lease.
+        self.release_alone(now_us, store, out);
+        if self.map.role == Role::Loser && !self.reads.is_empty() {
+            self.serve_reads(store, out);
+        }
         if !self.link_up {
             return;
         }
@@ -1409,9 +1557,12 @@ impl Replica {
         let retransmit_after_us = self.cfg.retransmit_after_us;
         let due = |sent_us: u64| now_us.saturating_sub(sent_us) >= retransmit_after_us;
         let mut resend = Vec::new();
+        // A survivor's writes held back after a cut go to the peer again only once it is a
+        // sync target again (after its request: it must discard its divergent blocks first).
+        let may_resend = self.map.role != Role::Survivor || self.peer_is_sync_target();
         for (seq, p) in self.pending.iter_mut() {
             // An async write the peer applied waits for a marker, not for a resend.
-            if !p.peer_applied && due(p.last_sent_us) {
+            if may_resend && !p.peer_applied && due(p.last_sent_us) {
                 p.last_sent_us = now_us.max(1);
                 resend.push(*seq);
             }
@@ -1526,7 +1677,14 @@ impl Replica {
             // The survivor waits for the loser's request: the loser must first discard its
             // divergent blocks, and only then may copies and live writes reach it.
             Role::Survivor => {}
-            Role::Loser => self.send_resync_request(now_us, store, out),
+            Role::Loser => {
+                // A new session: reads wait for this session's plan.
+                self.plan_chunks = None;
+                self.plan_complete = false;
+                self.catchup_floor = None;
+                self.catchup_copied.clear();
+                self.send_resync_request(now_us, store, out);
+            }
         }
     }
 
@@ -1549,9 +1707,9 @@ impl Replica {
         self.settle_asked_us = None;
         if self.map.role == Role::Survivor {
             // The peer was a sync target only while connected; the survivor carries on alone
-            // and its writes stay dirty for the next resync.
-            self.ack_pending_alone(out);
-            self.drain_admission(now_us, store, out);
+            // (once no read lease it granted can run) and its writes stay dirty for the next
+            // resync.
+            self.release_alone(now_us, store, out);
             self.serve_reads(store, out);
         }
     }
@@ -1616,13 +1774,20 @@ impl Replica {
             for f in self.flushes.values_mut() {
                 f.peer_durable = true;
             }
-            self.ack_pending_alone(out);
+            if !self.alone_hold(now_us) {
+                self.ack_pending_alone(out);
+            }
         } else {
             info!(
                 site = self.cfg.site,
                 new_epoch, "detached; failing queued requests"
             );
             self.map.role = Role::Loser;
+            self.plan_chunks = None;
+            self.plan_complete = false;
+            self.read_lease_until_us = None;
+            self.catchup_floor = None;
+            self.catchup_copied.clear();
             // Fenced: whatever these writes did here is settled by resync; the clients learn
             // EIO and the request is never re-issued. A write already acknowledged (received
             // by the survivor under sync-received) is the survivor's to keep.
@@ -1658,6 +1823,11 @@ impl Replica {
         info!(site = self.cfg.site, new_epoch, "rejoined; in sync");
         self.map.epoch = new_epoch;
         self.map.role = Role::InSync;
+        self.plan_chunks = None;
+        self.plan_complete = false;
+        self.read_lease_until_us = None;
+        self.catchup_floor = None;
+        self.catchup_copied = BTreeSet::new();
         self.repair_abort("rejoin", out);
         self.repair.unrecoverable.clear();
         self.resync_out = None;
@@ -2058,6 +2228,7 @@ impl Replica {
         // One request is `blocks` chunks under one request id (`seq`), chunk index in `lba`:
         // the survivor counts distinct chunks, so a lost chunk is never mistaken for the end.
         let request_id = self.alloc_seq();
+        self.catchup_floor.get_or_insert(request_id);
         let chunk_count = chunks.len() as u32;
         for (i, chunk) in chunks.into_iter().enumerate() {
             let mut h = self.header(Kind::ResyncRequest);
@@ -2107,8 +2278,31 @@ impl Replica {
         if h.accept_epoch != self.map.epoch || !self.link_up {
             return;
         }
+        if h.flags & FLAG_PLAN != 0 {
+            self.on_plan(h, body, store, out);
+            return;
+        }
         match self.map.role {
             Role::Loser => return,
+            Role::Survivor if h.flags & FLAG_PRIORITY != 0 => {
+                // Blocks a read at the catching-up peer waits for: copied before the rest.
+                let blocks = store.blocks();
+                if let Some(ro) = self.resync_out.as_mut() {
+                    for raw in body.chunks_exact(8) {
+                        let mut b = [0u8; 8];
+                        b.copy_from_slice(raw);
+                        let lba = u64::from_le_bytes(b);
+                        if lba < blocks
+                            && ro.to_send.contains(&lba)
+                            && ro.priority.len() < PRIORITY_BLOCKS_MAX
+                        {
+                            ro.priority.insert(lba);
+                        }
+                    }
+                    self.pump_resync(now_us, store, out);
+                }
+                return;
+            }
             Role::InSync => {
                 // A restarted peer settling its untrusted blocks: send our version of each.
                 let blocks = store.blocks();
@@ -2126,11 +2320,27 @@ impl Replica {
                 site = self.cfg.site,
                 "peer catching up; it is a sync target from now on"
             );
-            let to_send = store.dirty_blocks().into_iter().collect();
+            let dirty = store.dirty_blocks();
+            // The copy plan first: every block this site wrote alone, which the peer cannot
+            // know of. Live writes and copies only follow it on the link.
+            self.send_plan(h.seq, &dirty, out);
             self.resync_out = Some(ResyncOut {
-                to_send,
+                request_id: h.seq,
+                first_request_id: h.seq,
+                to_send: dirty.into_iter().collect(),
                 ..ResyncOut::default()
             });
+        }
+        if self.resync_out.as_ref().is_some_and(|ro| h.seq > ro.request_id) {
+            // A newer request of the loser: its first request of this session may have been
+            // lost or overtaken, and the loser takes plans and copies only from its own
+            // session's requests on. Re-plan under the new id; copies sent from now on carry
+            // it (in-flight ones are resent under it when their acks do not match).
+            let dirty = store.dirty_blocks();
+            self.send_plan(h.seq, &dirty, out);
+            if let Some(ro) = self.resync_out.as_mut() {
+                ro.request_id = h.seq;
+            }
         }
         let blocks = store.blocks();
         let Some(ro) = self.resync_out.as_mut() else {
@@ -2179,7 +2389,15 @@ impl Replica {
         let mut data = vec![0u8; BLOCK_BYTES];
         let mut unreadable = Vec::new();
         while ro.in_flight.len() < limit {
-            let Some(lba) = ro.to_send.pop_first() else {
+            // A block a read at the peer waits for goes first.
+            let next = loop {
+                match ro.priority.pop_first() {
+                    Some(lba) if ro.to_send.remove(&lba) => break Some(lba),
+                    Some(_) => continue,
+                    None => break ro.to_send.pop_first(),
+                }
+            };
+            let Some(lba) = next else {
                 break;
             };
             // A block that fails its checksum is never sent: the peer would take it as the
@@ -2193,6 +2411,7 @@ impl Replica {
             h.lba = lba;
             h.blocks = 1;
             h.stamp = stamp;
+            h.seq = ro.request_id;
             if untrusted.contains_key(&lba) {
                 // Asked for by a peer that crashed too: our version may be stale as well.
                 h.flags |= FLAG_UNTRUSTED;
@@ -2250,13 +2469,23 @@ impl Replica {
             self.counters.resync_blocks_applied += 1;
         }
         // A loser's block is settled by a copy sent in this epoch, i.e. after its divergent
-        // version was discarded. Copies from before the detach settle nothing.
-        if self.map.role == Role::Loser
-            && h.accept_epoch == self.map.epoch
-            && store.resync_reset_epoch() == self.map.epoch
-        {
-            store.clear_dirty(h.lba);
-            self.loser_progress_us = Some(now_us);
+        // version was discarded, and in this link session, i.e. after the plan that marked
+        // the block stale. Copies from before the detach or of an earlier session settle
+        // nothing (the survivor copies every such block again in this session).
+        if self.map.role == Role::Loser {
+            if h.accept_epoch == self.map.epoch
+                && store.resync_reset_epoch() == self.map.epoch
+                && self.catchup_floor.is_some_and(|floor| h.seq >= floor)
+            {
+                store.clear_dirty(h.lba);
+                self.catchup_copied.insert(h.lba);
+                self.loser_progress_us = Some(now_us);
+            } else {
+                // Not taken as settling the block: no ack, or the survivor would count it
+                // copied. It sends the block again under this session's request.
+                self.serve_reads(store, out);
+                return;
+            }
         }
         out.push(Action::SendFrame(self.reply(Kind::ResyncAck, h)));
         // A settled block may be what a waiting read waits for.
@@ -2274,10 +2503,13 @@ impl Replica {
         let Some(ro) = self.resync_out.as_mut() else {
             return;
         };
-        if ro
-            .in_flight
-            .get(&h.lba)
-            .is_some_and(|(stamp, _)| *stamp == h.stamp)
+        // An ack of a copy of an earlier link session (same block, same stamp) says nothing
+        // about this session's copy: the loser cleans only on copies of its own session.
+        if h.seq >= ro.first_request_id
+            && ro
+                .in_flight
+                .get(&h.lba)
+                .is_some_and(|(stamp, _)| *stamp == h.stamp)
         {
             ro.in_flight.remove(&h.lba);
             // The peer now holds this version or a newer one. The block here changed since
@@ -2289,6 +2521,112 @@ impl Replica {
             }
         }
         self.after_progress(now_us, store, out);
+    }
+
+    /// Survivor: tells a catching-up loser which blocks it will copy (its own dirty blocks;
+    /// the loser's are dirty there already), chunked like a request under one plan id.
+    fn send_plan(&mut self, request_id: u64, dirty: &[u64], out: &mut Vec<Action>) {
+        let chunk_lbas = self.cfg.resync_request_lbas_max.max(1);
+        let chunks: Vec<&[u64]> = if dirty.is_empty() {
+            vec![&[][..]]
+        } else {
+            dirty.chunks(chunk_lbas).collect()
+        };
+        // The plan's id is the request's: the loser takes only plans of its own session.
+        let plan_id = request_id;
+        let chunk_count = chunks.len() as u32;
+        for (i, chunk) in chunks.into_iter().enumerate() {
+            let mut h = self.header(Kind::ResyncRequest);
+            h.flags |= FLAG_PLAN;
+            h.seq = plan_id;
+            h.lba = i as u64;
+            h.blocks = chunk_count;
+            let body: Vec<u8> = chunk.iter().flat_map(|b| b.to_le_bytes()).collect();
+            out.push(Action::SendFrame(Frame::new(h, body)));
+        }
+    }
+
+    /// Loser: a chunk of the survivor's copy plan. Its blocks are marked dirty (persistently:
+    /// a restart still knows them stale); once every chunk of the plan arrived in this link
+    /// session, a block clean here is current and reads may be served.
+    fn on_plan(
+        &mut self,
+        h: &Header,
+        body: &[u8],
+        store: &mut dyn BlockStore,
+        out: &mut Vec<Action>,
+    ) {
+        // Only after this epoch's reset: before it, this site's dirty list is not yet final
+        // and a mark would be zeroed with the divergent blocks (harmless but pointless).
+        if self.map.role != Role::Loser
+            || h.accept_epoch != self.map.epoch
+            || store.resync_reset_epoch() != self.map.epoch
+            || !self.catchup_floor.is_some_and(|floor| h.seq >= floor)
+        {
+            return;
+        }
+        let blocks = store.blocks();
+        for raw in body.chunks_exact(8) {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(raw);
+            let lba = u64::from_le_bytes(b);
+            if lba >= blocks {
+                self.counters.frames_foreign += 1;
+                continue;
+            }
+            if self.catchup_copied.contains(&lba) {
+                continue;
+            }
+            if !store.is_dirty(lba) {
+                store.mark_dirty(lba);
+            }
+            self.counters.plan_blocks_marked += 1;
+        }
+        match self.plan_chunks.as_mut() {
+            Some((id, _)) if *id > h.seq => return,
+            Some((id, seen)) if *id == h.seq => {
+                seen.insert(h.lba);
+            }
+            _ => self.plan_chunks = Some((h.seq, BTreeSet::from([h.lba]))),
+        }
+        if self
+            .plan_chunks
+            .as_ref()
+            .is_some_and(|(_, seen)| seen.len() as u64 >= u64::from(h.blocks))
+            && !self.plan_complete
+        {
+            self.plan_complete = true;
+            info!(
+                site = self.cfg.site,
+                "copy plan complete: serving reads of resynced blocks while catching up"
+            );
+            self.serve_reads(store, out);
+        }
+    }
+
+    /// Loser: asks the survivor to copy the stale blocks of `read` before the rest.
+    fn send_priority_request(
+        &mut self,
+        read: &WaitingRead,
+        store: &dyn BlockStore,
+        out: &mut Vec<Action>,
+    ) {
+        if !self.link_up {
+            return;
+        }
+        let lbas: Vec<u64> = (read.lba..read.lba + u64::from(read.blocks))
+            .filter(|&b| store.is_dirty(b))
+            .take(self.cfg.resync_request_lbas_max.max(1))
+            .collect();
+        if lbas.is_empty() {
+            return;
+        }
+        let mut h = self.header(Kind::ResyncRequest);
+        h.flags |= FLAG_PRIORITY;
+        h.seq = self.alloc_seq();
+        h.blocks = 1;
+        let body: Vec<u8> = lbas.iter().flat_map(|b| b.to_le_bytes()).collect();
+        out.push(Action::SendFrame(Frame::new(h, body)));
     }
 
     fn check_resync_complete(&mut self, store: &dyn BlockStore, out: &mut Vec<Action>) {

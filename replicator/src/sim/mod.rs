@@ -203,6 +203,10 @@ pub struct SimReport {
     /// Blocks damaged at rest, and repaired from the peer.
     pub blocks_rotted: u64,
     pub blocks_repaired: u64,
+    /// Reads a catching-up loser served from resynced blocks, and reads that waited for
+    /// blocks copied first (both checked like every read).
+    pub catchup_reads_local: u64,
+    pub catchup_reads_pulled: u64,
 }
 
 #[derive(Debug)]
@@ -524,6 +528,8 @@ impl World {
             r.flushes_done += c.flushes_done;
             r.received_early += c.writes_received_early;
             r.blocks_repaired += c.blocks_repaired;
+            r.catchup_reads_local += c.catchup_reads_local;
+            r.catchup_reads_pulled += c.catchup_reads_pulled;
         }
         r
     }
@@ -576,6 +582,8 @@ impl World {
         self.report.blocks_settled += replica.counters().blocks_settled;
         self.report.flushes_done += replica.counters().flushes_done;
         self.report.blocks_repaired += replica.counters().blocks_repaired;
+        self.report.catchup_reads_local += replica.counters().catchup_reads_local;
+        self.report.catchup_reads_pulled += replica.counters().catchup_reads_pulled;
         self.report.blocks_lost += lost;
         let ops = std::mem::take(&mut s.ops);
         self.checker.on_crash(&ops);
