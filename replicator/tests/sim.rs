@@ -173,7 +173,6 @@ fn checker_catches_reads_that_serve_a_damaged_block() {
     expect_caught(Fault::ServeUnreadable);
 }
 
-
 // ----- named regressions -----------------------------------------------------------------
 
 /// The op id whose data a block holds (`None` for zeroes).
@@ -748,8 +747,7 @@ fn catchup_read_after_cut(
 
 #[test]
 fn regression_catching_up_site_serves_reads_and_survivor_waits_out_its_lease() {
-    let (w, write, read) =
-        catchup_read_after_cut(Fault::None).unwrap_or_else(|f| panic!("{f}"));
+    let (w, write, read) = catchup_read_after_cut(Fault::None).unwrap_or_else(|f| panic!("{f}"));
     // The survivor acknowledged the write only after the loser's lease surely lapsed.
     assert!(
         matches!(w.outcome(write), Some(Outcome::Acked(_))),

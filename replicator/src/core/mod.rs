@@ -262,6 +262,8 @@ pub enum Action {
 }
 
 #[cfg(test)]
+mod catchup_tests;
+#[cfg(test)]
 mod policy_tests;
 #[cfg(test)]
 mod tests;

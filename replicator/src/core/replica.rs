@@ -743,14 +743,14 @@ impl Replica {
     /// Survivor: acknowledges alone the writes the catching-up peer has not applied, once
     /// the peer is no longer a sync target and no lease it was granted can still run.
     fn release_alone(&mut self, now_us: u64, store: &mut dyn BlockStore, out: &mut Vec<Action>) {
-        if self.map.role != Role::Survivor
-            || self.peer_is_sync_target()
-            || self.alone_hold(now_us)
+        if self.map.role != Role::Survivor || self.peer_is_sync_target() || self.alone_hold(now_us)
         {
             return;
         }
         if !self.pending.is_empty() {
             self.ack_pending_alone(out);
+        }
+        if !self.reads.is_empty() {
             self.serve_reads(store, out);
         }
         self.drain_admission(now_us, store, out);
@@ -1124,10 +1124,19 @@ impl Replica {
             // A write the catching-up peer has not yet applied (or one held back after a cut
             // while its lease may run) is not yet acknowledged: a read here must not return
             // it before the peer's reads can (invariant 4 across the two sites).
-            Role::Survivor => !(read.lba..read.lba + u64::from(read.blocks))
-                .any(|b| self.block_pending.contains_key(&b)),
+            // While a lease granted to the peer may still run and the peer is no longer a
+            // sync target, a dirty block may hold a write the peer never applied (one in
+            // flight when this site restarted, say): the peer may still serve the older
+            // version, so a read here waits for the lease to lapse.
+            Role::Survivor => {
+                let held = !self.peer_is_sync_target() && self.alone_hold(self.now_us);
+                !(read.lba..read.lba + u64::from(read.blocks))
+                    .any(|b| self.block_pending.contains_key(&b) || (held && store.is_dirty(b)))
+            }
             // Catching up: a block clean here is current (see "Reads while catching up").
-            Role::Loser => !(read.lba..read.lba + u64::from(read.blocks)).any(|b| store.is_dirty(b)),
+            Role::Loser => {
+                !(read.lba..read.lba + u64::from(read.blocks)).any(|b| store.is_dirty(b))
+            }
             Role::InSync if !self.mode_known => false,
             // The async writer's blocks stay dirty until the peer made them durable; its
             // reads wait for nothing but blocks a crash left unsettled.
@@ -1520,7 +1529,8 @@ impl Replica {
         {
             // The lease runs from the send time of the heartbeat, which was before the grant.
             let until = sent_us.saturating_add(self.cfg.read_lease_us);
-            self.read_lease_until_us = Some(self.read_lease_until_us.map_or(until, |u| u.max(until)));
+            self.read_lease_until_us =
+                Some(self.read_lease_until_us.map_or(until, |u| u.max(until)));
         }
         // TCP's srtt smoothing (RFC 6298, alpha = 1/8).
         self.rtt_us_smoothed = Some(match self.rtt_us_smoothed {
@@ -2331,15 +2341,31 @@ impl Replica {
                 ..ResyncOut::default()
             });
         }
-        if self.resync_out.as_ref().is_some_and(|ro| h.seq > ro.request_id) {
+        if self
+            .resync_out
+            .as_ref()
+            .is_some_and(|ro| h.seq > ro.request_id)
+        {
             // A newer request of the loser: its first request of this session may have been
             // lost or overtaken, and the loser takes plans and copies only from its own
             // session's requests on. Re-plan under the new id; copies sent from now on carry
             // it (in-flight ones are resent under it when their acks do not match).
-            let dirty = store.dirty_blocks();
-            self.send_plan(h.seq, &dirty, out);
+            // Every block the loser marks stale must be copied after the plan, or it stays
+            // dirty there for good: the plan is what is left to copy plus every block dirty
+            // here now (blocks of live writes in flight too: the loser may mark one after
+            // applying the write), and all of it is queued for copying.
             if let Some(ro) = self.resync_out.as_mut() {
+                let mut plan: BTreeSet<u64> = store.dirty_blocks().into_iter().collect();
+                plan.extend(ro.to_send.iter().copied());
+                plan.extend(ro.in_flight.keys().copied());
+                for &b in &plan {
+                    if !ro.in_flight.contains_key(&b) {
+                        ro.to_send.insert(b);
+                    }
+                }
                 ro.request_id = h.seq;
+                let plan: Vec<u64> = plan.into_iter().collect();
+                self.send_plan(h.seq, &plan, out);
             }
         }
         let blocks = store.blocks();
@@ -2561,7 +2587,7 @@ impl Replica {
         if self.map.role != Role::Loser
             || h.accept_epoch != self.map.epoch
             || store.resync_reset_epoch() != self.map.epoch
-            || !self.catchup_floor.is_some_and(|floor| h.seq >= floor)
+            || self.catchup_floor.is_none_or(|floor| h.seq < floor)
         {
             return;
         }
