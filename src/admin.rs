@@ -201,6 +201,10 @@ impl AdminState {
                 },
                 "mode_switches": stats.replica.mode_switches,
                 "requests_refused_passive": stats.replica.requests_refused_passive,
+                // A catching-up site serves reads (DESIGN.md §4 "Resync"): from blocks
+                // already resynced, or once the survivor copied the block first.
+                "catchup_reads_local": stats.replica.catchup_reads_local,
+                "catchup_reads_pulled": stats.replica.catchup_reads_pulled,
                 // Durability is single-copy whenever this site serves without its peer.
                 "single_copy": matches!(stats.role, Some(Role::Survivor)),
                 "failed": stats.failed,

@@ -310,11 +310,19 @@ struct Gate(Arc<Shared>);
 
 impl ServeGate for Gate {
     fn check(&self) -> GateAnswer {
-        match self.0.arbiter().serve(self.0.cg, boottime_us()) {
-            Serve::Yes => GateAnswer::Serve,
-            Serve::Hold => GateAnswer::Hold,
-            Serve::Eio => GateAnswer::Fail,
-        }
+        gate_answer(self.0.arbiter().serve(self.0.cg, boottime_us()))
+    }
+
+    fn check_read(&self) -> GateAnswer {
+        gate_answer(self.0.arbiter().serve_read(self.0.cg, boottime_us()))
+    }
+}
+
+fn gate_answer(serve: Serve) -> GateAnswer {
+    match serve {
+        Serve::Yes => GateAnswer::Serve,
+        Serve::Hold => GateAnswer::Hold,
+        Serve::Eio => GateAnswer::Fail,
     }
 }
 

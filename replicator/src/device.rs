@@ -96,6 +96,26 @@ pub enum GateAnswer {
 /// Asked before every request goes to the replica and again before a read's data goes back.
 pub trait ServeGate: Send + Sync {
     fn check(&self) -> GateAnswer;
+    /// The answer for a read. A site catching up may be let through here though it may not
+    /// take writes: its replica then decides by the survivor's read lease and the blocks
+    /// already resynced (DESIGN.md §4 "Resync").
+    fn check_read(&self) -> GateAnswer {
+        self.check()
+    }
+}
+
+/// Which of the gate's answers a request needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum GateFor {
+    Read,
+    Mutation,
+}
+
+fn ask(gate: &dyn ServeGate, what: GateFor) -> GateAnswer {
+    match what {
+        GateFor::Read => gate.check_read(),
+        GateFor::Mutation => gate.check(),
+    }
 }
 
 /// How often a held request asks the gate again.
@@ -325,14 +345,14 @@ impl ReplicatedVolume {
     }
 
     /// Waits until the gate lets requests through, up to the request timeout.
-    async fn admit(&self) -> Result<(), BlockError> {
+    async fn admit(&self, what: GateFor) -> Result<(), BlockError> {
         let Some(gate) = self.gate.get() else {
             return Ok(());
         };
         let deadline = tokio::time::Instant::now() + self.request_timeout;
         // Bounded by the request timeout.
         loop {
-            match gate.check() {
+            match ask(gate.as_ref(), what) {
                 GateAnswer::Serve => return Ok(()),
                 GateAnswer::Fail => return Err(not_serving()),
                 GateAnswer::Hold if tokio::time::Instant::now() >= deadline => {
@@ -345,7 +365,7 @@ impl ReplicatedVolume {
 
     /// Re-checked before a read's data goes out: a lease may have lapsed while it waited.
     fn may_reply(&self) -> Result<(), BlockError> {
-        match self.gate.get().map(|g| g.check()) {
+        match self.gate.get().map(|g| g.check_read()) {
             None | Some(GateAnswer::Serve) => Ok(()),
             Some(_) => Err(not_serving()),
         }
@@ -379,7 +399,7 @@ impl ReplicatedVolume {
     }
 
     async fn mutation(&self, make: impl FnOnce(ClientOpId) -> Event) -> Result<(), BlockError> {
-        self.admit().await?;
+        self.admit(GateFor::Mutation).await?;
         match self.call(&self.mutation_permits, make).await? {
             Reply::Done => Ok(()),
             Reply::Data(_) => Err(BlockError::Io(std::io::Error::other(
@@ -468,7 +488,7 @@ impl BlockDevice for ReplicatedVolume {
         if len == 0 {
             return Ok(AlignedBuf::zeroed(0));
         }
-        self.admit().await?;
+        self.admit(GateFor::Read).await?;
         if let Some(data) = self.read_fast(offset, len).await {
             self.may_reply()?;
             self.fast_reads.fetch_add(1, Ordering::Relaxed);

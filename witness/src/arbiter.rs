@@ -475,6 +475,23 @@ impl Arbiter {
         }
     }
 
+    /// May a read on `cg` be served now? As [`Self::serve`], except at a site catching up
+    /// (Resyncing, its peer in sync): there the replica decides, by the read lease its
+    /// survivor granted on the data link and by the blocks already resynced (DESIGN §4
+    /// "Resync"). Writes there still get [`Self::serve`]'s answer: EIO.
+    pub fn serve_read(&self, cg: CgId, now_us: u64) -> Serve {
+        let catching_up = self.read_index_done
+            && self.cgs.get(&cg).is_some_and(|c| {
+                c.view.state(self.site) == SiteState::Resyncing
+                    && c.view.state(self.site.peer()) == SiteState::InSync
+            });
+        if catching_up {
+            Serve::Yes
+        } else {
+            self.serve(cg, now_us)
+        }
+    }
+
     /// May this site acknowledge a write on `cg` that the peer has not applied? Only as the
     /// survivor, once its wait is over (DESIGN §6), and not while the peer resyncs: a
     /// resyncing site is a sync target, so live writes wait for its ack (DESIGN §4).

@@ -178,6 +178,38 @@ fn winner_waits_and_loser_fails_io_on_learning() {
     assert_eq!(b.serve(CG, 62_000), Serve::Eio);
 }
 
+// Reference: DESIGN §4 "Resync": a catching-up site serves reads (its replica decides by the
+// survivor's read lease and what is resynced); writes there still fail; a detached one serves
+// nothing.
+#[test]
+fn a_resyncing_site_lets_reads_through_to_its_replica_but_not_writes() {
+    let mut map = map_preferring(Site::A);
+    let e = map.cg(CG).unwrap().epoch;
+    let mut b = started(Site::B, &map);
+    map.apply(&Command::Detach {
+        cg: CG,
+        survivor: Site::A,
+        expected_epoch: e,
+    });
+    b.on_map(2, &map, 61_000);
+    assert_eq!(b.serve_read(CG, 61_000), Serve::Eio, "detached: nothing");
+    let e2 = map.cg(CG).unwrap().epoch;
+    map.apply(&Command::StartResync {
+        cg: CG,
+        site: Site::B,
+        expected_epoch: e2,
+    });
+    assert_eq!(map.cg(CG).unwrap().state(Site::B), SiteState::Resyncing);
+    b.on_map(3, &map, 62_000);
+    assert_eq!(b.serve_read(CG, 62_000), Serve::Yes);
+    assert_eq!(b.serve(CG, 62_000), Serve::Eio, "writes still fail");
+    assert_eq!(b.accept_epoch(CG, 62_000), None);
+    // The survivor's answers are unchanged by the read path.
+    let mut a = started(Site::A, &map_preferring(Site::A));
+    a.on_map(3, &map, 62_000);
+    assert_eq!(a.serve_read(CG, 62_000), a.serve(CG, 62_000));
+}
+
 // Reference: DESIGN §6, a flap: the peer is back before the detach commits; granting resumes,
 // and once the commit is learned the survivor grants nothing more and waits from then.
 #[test]

@@ -427,3 +427,42 @@ fn only_a_survivor_resyncing_its_peer_grants_a_lease() {
         .map(|f| f.header.flags);
     assert_eq!(echo.map(|fl| fl & FLAG_LEASE), Some(FLAG_LEASE));
 }
+
+// A long round trip (400 ms: more heartbeats on their way than the replica tracks) still
+// grants leases: the replica sends fewer heartbeats instead of forgetting the ones whose
+// echoes are coming.
+#[test]
+fn the_lease_holds_at_a_round_trip_longer_than_the_heartbeats_tracked() {
+    let mut p = catching_up();
+    p.deliver(100_100, |from, f| from == SURVIVOR && is_plan(f));
+    let one_way_us = 200_000;
+    // (due time, destination, frame), delivered in order of due time.
+    let mut in_flight: VecDeque<(u64, usize, Frame)> = VecDeque::new();
+    let mut now_us = 100_200;
+    // Bounded: two seconds of 10 ms ticks.
+    for _ in 0..200 {
+        now_us += 10_000;
+        p.step(LOSER, now_us, Event::Tick);
+        p.step(SURVIVOR, now_us, Event::Tick);
+        for from in [SURVIVOR, LOSER] {
+            while let Some(f) = p.wire[from].pop_front() {
+                if matches!(f.header.kind, Kind::Heartbeat | Kind::HeartbeatEcho) {
+                    in_flight.push_back((now_us + one_way_us, 1 - from, f));
+                }
+            }
+        }
+        while in_flight.front().is_some_and(|(due, _, _)| *due <= now_us) {
+            if let Some((_, to, f)) = in_flight.pop_front() {
+                p.step(to, now_us, Event::FrameReceived(f));
+            }
+        }
+    }
+    let (read, _) = p.read(LOSER, now_us, 5);
+    assert_eq!(
+        p.read_fill(LOSER, read),
+        Some(0x55),
+        "{:?}",
+        p.outcome(LOSER, read)
+    );
+    assert!(p.replicas[LOSER].counters().rtt_samples > 0);
+}

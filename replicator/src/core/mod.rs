@@ -99,7 +99,8 @@ pub struct Config {
     /// LBAs per ResyncRequest frame.
     pub resync_request_lbas_max: usize,
     pub heartbeat_interval_us: u64,
-    /// Heartbeats awaiting their echo; older ones are forgotten.
+    /// Heartbeats awaiting their echo; at the cap the next waits (one unanswered for
+    /// `read_lease_us` or `retransmit_after_us`, whichever is longer, is taken as lost).
     pub heartbeats_outstanding_max: usize,
     /// A write, copy or request unanswered this long is sent again. The link driver runs
     /// over TCP, which does not lose frames, but a reconnect does; resending is harmless

@@ -1552,16 +1552,25 @@ impl Replica {
         if !self.link_up {
             return;
         }
-        if now_us >= self.next_heartbeat_due_us {
+        // A heartbeat unanswered for a read lease (or a retransmit interval, if longer) is
+        // taken as lost: its echo could not grant a lease that has not already run out. The
+        // rest are still on their way: at the cap, this one waits rather than forgetting the
+        // oldest, or with a round trip longer than cap x interval (160 ms by default) every
+        // echo would find its heartbeat forgotten — no RTT sample, and no read lease for a
+        // catching-up site.
+        let lost_after_us = self.cfg.read_lease_us.max(self.cfg.retransmit_after_us);
+        let lost_before_us = now_us.saturating_sub(lost_after_us);
+        self.heartbeats
+            .retain(|_, sent_us| *sent_us > lost_before_us);
+        if now_us >= self.next_heartbeat_due_us
+            && self.heartbeats.len() < self.cfg.heartbeats_outstanding_max
+        {
             let seq = self.next_heartbeat_seq;
             self.next_heartbeat_seq += 1;
             let mut h = self.header(Kind::Heartbeat);
             h.seq = seq;
             out.push(Action::SendFrame(Frame::new(h, Vec::new())));
             self.heartbeats.insert(seq, now_us);
-            while self.heartbeats.len() > self.cfg.heartbeats_outstanding_max {
-                self.heartbeats.pop_first();
-            }
             self.next_heartbeat_due_us = now_us + self.cfg.heartbeat_interval_us;
         }
         let retransmit_after_us = self.cfg.retransmit_after_us;
