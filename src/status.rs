@@ -239,7 +239,7 @@ fn site_warnings(site: &str, volume: &str, role: &str, repl: &Value) -> Vec<Stri
         ));
     } else if role == "loser" {
         warnings.push(format!(
-            "WARNING: SINGLE COPY: site {site} is detached from volume {volume}: it serves nothing until resync and rejoin, and the volume's only current copy is at the other site"
+            "WARNING: SINGLE COPY: site {site} is detached from volume {volume}: it serves no writes until resync and rejoin (reads only while it catches up), and the volume's only current copy is at the other site"
         ));
     }
     if repl["failed"].as_bool() == Some(true) {
