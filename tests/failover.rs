@@ -259,12 +259,22 @@ impl Cluster {
         self.b.as_ref().expect("site b runs")
     }
 
-    /// Both sites serve reads: only possible with both in sync and holding leases.
+    /// Both sites are in sync and serve reads (holding leases). Reads alone do not say it:
+    /// a catching-up site serves them too.
     fn wait_both_serving(&self, limit: Duration) {
         let deadline = Instant::now() + limit;
         let (ua, ub) = (self.a().uri("vol"), self.b().uri("vol"));
+        let in_sync = |site: &Site| {
+            let out = common::stretch(&["status", "--site", &self.admin(site), "--json"]);
+            serde_json::from_slice::<serde_json::Value>(&out.stdout)
+                .is_ok_and(|s| s[0]["replication"]["role"] == "in-sync")
+        };
         while Instant::now() < deadline {
-            if probe_read(&ua).is_ok() && probe_read(&ub).is_ok() {
+            if in_sync(self.a())
+                && in_sync(self.b())
+                && probe_read(&ua).is_ok()
+                && probe_read(&ub).is_ok()
+            {
                 return;
             }
             std::thread::sleep(Duration::from_millis(100));

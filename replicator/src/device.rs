@@ -364,10 +364,24 @@ impl ReplicatedVolume {
     }
 
     /// Re-checked before a read's data goes out: a lease may have lapsed while it waited.
-    fn may_reply(&self) -> Result<(), BlockError> {
-        match self.gate.get().map(|g| g.check_read()) {
-            None | Some(GateAnswer::Serve) => Ok(()),
-            Some(_) => Err(not_serving()),
+    /// "Hold" waits (a short while, bounded by the request timeout) rather than failing:
+    /// a read admitted at a catching-up site may complete just as the rejoin moves the
+    /// epoch, whose first lease is a heartbeat away.
+    async fn may_reply(&self) -> Result<(), BlockError> {
+        let Some(gate) = self.gate.get() else {
+            return Ok(());
+        };
+        let deadline = tokio::time::Instant::now() + self.request_timeout;
+        // Bounded by the request timeout.
+        loop {
+            match gate.check_read() {
+                GateAnswer::Serve => return Ok(()),
+                GateAnswer::Fail => return Err(not_serving()),
+                GateAnswer::Hold if tokio::time::Instant::now() >= deadline => {
+                    return Err(not_serving())
+                }
+                GateAnswer::Hold => tokio::time::sleep(GATE_POLL).await,
+            }
         }
     }
 
@@ -490,7 +504,7 @@ impl BlockDevice for ReplicatedVolume {
         }
         self.admit(GateFor::Read).await?;
         if let Some(data) = self.read_fast(offset, len).await {
-            self.may_reply()?;
+            self.may_reply().await?;
             self.fast_reads.fetch_add(1, Ordering::Relaxed);
             return Ok(data);
         }
@@ -523,7 +537,7 @@ impl BlockDevice for ReplicatedVolume {
             }
             lba += blocks;
         }
-        self.may_reply()?;
+        self.may_reply().await?;
         let skip = (offset - first * BLOCK_BYTES) as usize;
         Ok(AlignedBuf::from_slice(&data[skip..skip + len as usize]))
     }
