@@ -53,8 +53,13 @@ impl StampParts {
 
 /// How far ahead of the clock the persisted high-water mark is written. Persisting ahead
 /// means one metadata write per `HLC_PERSIST_AHEAD_US` of clock progress instead of one per
-/// stamp, and a restart still starts above every stamp issued before the crash.
-pub const HLC_PERSIST_AHEAD_US: u64 = 1_000_000;
+/// stamp, and a restart still starts above every stamp issued before the crash. A minute,
+/// not a second: each persist is an fdatasync on the replica thread, which stalls every
+/// replicated write behind it (95-128 ms on the reference VM's disk, once a second, was
+/// the whole p99.9 of replicated writes, docs/benchmarks.md). The cost is that a restarted
+/// site's HLC starts up to a minute ahead of the wall clock, which orders nothing wrongly:
+/// stamps only need to grow.
+pub const HLC_PERSIST_AHEAD_US: u64 = 60_000_000;
 
 /// A hybrid logical clock in microseconds. Time is always passed in (`now_us`); the clock
 /// never reads the system, so the simulator can skew and replay it.
