@@ -70,6 +70,16 @@ pub const FLAG_PRIORITY: u32 = 1 << 7;
 /// lease, and the survivor will not acknowledge alone until it surely lapsed.
 pub const FLAG_LEASE: u32 = 1 << 8;
 
+/// The LBAs of a ResyncRequest's or RepairRequest's body: little-endian u64s (the header
+/// check has made sure the body is a whole number of them).
+pub fn body_lbas(body: &[u8]) -> impl Iterator<Item = u64> + '_ {
+    body.chunks_exact(8).map(|raw| {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(raw);
+        u64::from_le_bytes(b)
+    })
+}
+
 const OFF_MAGIC: usize = 0;
 const OFF_VERSION: usize = 4;
 const OFF_KIND: usize = 6;

@@ -409,23 +409,20 @@ fn a_restarted_survivor_waits_out_a_lease_it_may_have_granted() {
 // The lease is granted only by a survivor whose peer is a sync target in the current epoch.
 #[test]
 fn only_a_survivor_resyncing_its_peer_grants_a_lease() {
+    // The lease flag of the survivor's echo to the loser's next heartbeat.
+    fn echo_lease(p: &mut Pair, now_us: u64) -> Option<u32> {
+        p.step(LOSER, now_us, Event::Tick);
+        p.deliver(now_us, |_, f| f.header.kind == Kind::Heartbeat);
+        p.wire[SURVIVOR]
+            .iter()
+            .find(|f| f.header.kind == Kind::HeartbeatEcho)
+            .map(|f| f.header.flags & FLAG_LEASE)
+    }
     let mut p = Pair::new();
     p.both(2_000, Event::LinkUp);
-    p.step(LOSER, 3_000, Event::Tick);
-    p.deliver(3_000, |_, f| f.header.kind == Kind::Heartbeat);
-    let echo = p.wire[SURVIVOR]
-        .iter()
-        .find(|f| f.header.kind == Kind::HeartbeatEcho)
-        .map(|f| f.header.flags);
-    assert_eq!(echo.map(|fl| fl & FLAG_LEASE), Some(0), "in sync: no lease");
+    assert_eq!(echo_lease(&mut p, 3_000), Some(0), "in sync: no lease");
     let mut q = catching_up();
-    q.step(LOSER, 100_200, Event::Tick);
-    q.deliver(100_200, |_, f| f.header.kind == Kind::Heartbeat);
-    let echo = q.wire[SURVIVOR]
-        .iter()
-        .find(|f| f.header.kind == Kind::HeartbeatEcho)
-        .map(|f| f.header.flags);
-    assert_eq!(echo.map(|fl| fl & FLAG_LEASE), Some(FLAG_LEASE));
+    assert_eq!(echo_lease(&mut q, 100_200), Some(FLAG_LEASE));
 }
 
 // A long round trip (400 ms: more heartbeats on their way than the replica tracks) still

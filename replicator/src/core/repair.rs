@@ -313,10 +313,7 @@ impl Replica {
         let blocks = store.blocks();
         let mut data = vec![0u8; BLOCK_BYTES];
         // Bounded like the requester's own set; more is not answered (it times out there).
-        for raw in body.chunks_exact(8).take(self.repair_blocks_max()) {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(raw);
-            let lba = u64::from_le_bytes(b);
+        for lba in crate::frame::body_lbas(body).take(self.repair_blocks_max()) {
             if lba >= blocks {
                 self.counters.frames_foreign += 1;
                 continue;

@@ -2238,20 +2238,27 @@ impl Replica {
             store.persist_resync_reset_epoch(self.map.epoch);
         }
         let dirty = store.dirty_blocks();
-        let chunk_lbas = self.cfg.resync_request_lbas_max.max(1);
-        let chunks: Vec<&[u64]> = if dirty.is_empty() {
-            vec![&[][..]]
-        } else {
-            dirty.chunks(chunk_lbas).collect()
-        };
-        // One request is `blocks` chunks under one request id (`seq`), chunk index in `lba`:
-        // the survivor counts distinct chunks, so a lost chunk is never mistaken for the end.
         let request_id = self.alloc_seq();
         self.catchup_floor.get_or_insert(request_id);
+        self.send_lba_list(request_id, 0, &dirty, out);
+    }
+
+    /// A list of LBAs as ResyncRequest frames with `flags`: `blocks` chunks of at most
+    /// `resync_request_lbas_max` under one id (`seq`), the chunk index in `lba`, so the
+    /// receiver counts distinct chunks and never takes a lost one for the end. An empty list
+    /// is one empty chunk.
+    fn send_lba_list(&self, id: u64, flags: u32, lbas: &[u64], out: &mut Vec<Action>) {
+        let chunk_lbas = self.cfg.resync_request_lbas_max.max(1);
+        let chunks: Vec<&[u64]> = if lbas.is_empty() {
+            vec![&[][..]]
+        } else {
+            lbas.chunks(chunk_lbas).collect()
+        };
         let chunk_count = chunks.len() as u32;
         for (i, chunk) in chunks.into_iter().enumerate() {
             let mut h = self.header(Kind::ResyncRequest);
-            h.seq = request_id;
+            h.flags |= flags;
+            h.seq = id;
             h.lba = i as u64;
             h.blocks = chunk_count;
             let body: Vec<u8> = chunk.iter().flat_map(|b| b.to_le_bytes()).collect();
@@ -2307,10 +2314,7 @@ impl Replica {
                 // Blocks a read at the catching-up peer waits for: copied before the rest.
                 let blocks = store.blocks();
                 if let Some(ro) = self.resync_out.as_mut() {
-                    for raw in body.chunks_exact(8) {
-                        let mut b = [0u8; 8];
-                        b.copy_from_slice(raw);
-                        let lba = u64::from_le_bytes(b);
+                    for lba in crate::frame::body_lbas(body) {
                         if lba < blocks
                             && ro.to_send.contains(&lba)
                             && ro.priority.len() < PRIORITY_BLOCKS_MAX
@@ -2561,24 +2565,8 @@ impl Replica {
     /// Survivor: tells a catching-up loser which blocks it will copy (its own dirty blocks;
     /// the loser's are dirty there already), chunked like a request under one plan id.
     fn send_plan(&mut self, request_id: u64, dirty: &[u64], out: &mut Vec<Action>) {
-        let chunk_lbas = self.cfg.resync_request_lbas_max.max(1);
-        let chunks: Vec<&[u64]> = if dirty.is_empty() {
-            vec![&[][..]]
-        } else {
-            dirty.chunks(chunk_lbas).collect()
-        };
         // The plan's id is the request's: the loser takes only plans of its own session.
-        let plan_id = request_id;
-        let chunk_count = chunks.len() as u32;
-        for (i, chunk) in chunks.into_iter().enumerate() {
-            let mut h = self.header(Kind::ResyncRequest);
-            h.flags |= FLAG_PLAN;
-            h.seq = plan_id;
-            h.lba = i as u64;
-            h.blocks = chunk_count;
-            let body: Vec<u8> = chunk.iter().flat_map(|b| b.to_le_bytes()).collect();
-            out.push(Action::SendFrame(Frame::new(h, body)));
-        }
+        self.send_lba_list(request_id, FLAG_PLAN, dirty, out);
     }
 
     /// Loser: a chunk of the survivor's copy plan. Its blocks are marked dirty (persistently:
@@ -2601,10 +2589,7 @@ impl Replica {
             return;
         }
         let blocks = store.blocks();
-        for raw in body.chunks_exact(8) {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(raw);
-            let lba = u64::from_le_bytes(b);
+        for lba in crate::frame::body_lbas(body) {
             if lba >= blocks {
                 self.counters.frames_foreign += 1;
                 continue;
@@ -2694,10 +2679,7 @@ impl Replica {
 /// Queues every LBA of a ResyncRequest body (little-endian u64s) that lies in the volume;
 /// one out of range is counted as foreign, never sent.
 fn queue_requested(ro: &mut ResyncOut, body: &[u8], blocks: u64, counters: &mut Counters) {
-    for raw in body.chunks_exact(8) {
-        let mut b = [0u8; 8];
-        b.copy_from_slice(raw);
-        let lba = u64::from_le_bytes(b);
+    for lba in crate::frame::body_lbas(body) {
         if lba < blocks {
             ro.to_send.insert(lba);
         } else {
