@@ -463,3 +463,37 @@ fn the_lease_holds_at_a_round_trip_longer_than_the_heartbeats_tracked() {
     );
     assert!(p.replicas[LOSER].counters().rtt_samples > 0);
 }
+
+// A plan chunk no list of this volume can have (its index not below its count, or a count
+// beyond what the volume's blocks need) marks nothing and is counted as foreign; the real
+// plan still completes.
+#[test]
+fn a_garbage_plan_chunk_marks_nothing() {
+    let mut p = catching_up();
+    let plan = p.wire[SURVIVOR]
+        .iter()
+        .find(|f| is_plan(f))
+        .cloned()
+        .expect("the survivor sent its plan");
+    let foreign_before = p.replicas[LOSER].counters().frames_foreign;
+    for (index, count) in [
+        (plan.header.blocks as u64, plan.header.blocks),
+        (0, u32::MAX),
+    ] {
+        let mut h = plan.header;
+        h.lba = index;
+        h.blocks = count;
+        // Block 6 is in no real plan: a garbage chunk must not make it stale.
+        let body = 6u64.to_le_bytes().to_vec();
+        p.step(LOSER, 100_050, Event::FrameReceived(Frame::new(h, body)));
+    }
+    assert!(!p.stores[LOSER].is_dirty(6));
+    assert_eq!(
+        p.replicas[LOSER].counters().frames_foreign,
+        foreign_before + 2
+    );
+    p.deliver(100_100, |from, f| from == SURVIVOR && is_plan(f));
+    grant_lease(&mut p, 100_200);
+    let (read, _) = p.read(LOSER, 100_300, 5);
+    assert_eq!(p.read_fill(LOSER, read), Some(0x55));
+}

@@ -2243,6 +2243,13 @@ impl Replica {
         self.send_lba_list(request_id, 0, &dirty, out);
     }
 
+    /// The most chunks a list of this volume's LBAs can take (`send_lba_list`): every block
+    /// once, plus one for the empty list.
+    fn chunks_max(&self, blocks: u64) -> u64 {
+        let per_chunk = self.cfg.resync_request_lbas_max.max(1) as u64;
+        blocks.div_ceil(per_chunk).max(1)
+    }
+
     /// A list of LBAs as ResyncRequest frames with `flags`: `blocks` chunks of at most
     /// `resync_request_lbas_max` under one id (`seq`), the chunk index in `lba`, so the
     /// receiver counts distinct chunks and never takes a lost one for the end. An empty list
@@ -2382,23 +2389,15 @@ impl Replica {
             }
         }
         let blocks = store.blocks();
+        let chunks_max = self.chunks_max(blocks);
         let Some(ro) = self.resync_out.as_mut() else {
             return;
         };
         queue_requested(ro, body, blocks, &mut self.counters);
-        match ro.request_chunks.as_mut() {
-            Some((id, _)) if *id > h.seq => {}
-            Some((id, seen)) if *id == h.seq => {
-                seen.insert(h.lba);
-            }
-            _ => ro.request_chunks = Some((h.seq, BTreeSet::from([h.lba]))),
-        }
-        if ro
-            .request_chunks
-            .as_ref()
-            .is_some_and(|(_, seen)| seen.len() as u64 >= u64::from(h.blocks))
-        {
-            ro.request_complete = true;
+        match note_chunk(&mut ro.request_chunks, h, chunks_max) {
+            Chunk::Complete => ro.request_complete = true,
+            Chunk::Garbage => self.counters.frames_foreign += 1,
+            Chunk::Counted | Chunk::Stale => {}
         }
         self.pump_resync(now_us, store, out);
         self.check_resync_complete(store, out);
@@ -2589,6 +2588,13 @@ impl Replica {
             return;
         }
         let blocks = store.blocks();
+        let chunks_max = self.chunks_max(blocks);
+        let chunk = note_chunk(&mut self.plan_chunks, h, chunks_max);
+        if chunk == Chunk::Garbage {
+            // No list of this volume has such a chunk: mark nothing from it.
+            self.counters.frames_foreign += 1;
+            return;
+        }
         for lba in crate::frame::body_lbas(body) {
             if lba >= blocks {
                 self.counters.frames_foreign += 1;
@@ -2602,19 +2608,7 @@ impl Replica {
             }
             self.counters.plan_blocks_marked += 1;
         }
-        match self.plan_chunks.as_mut() {
-            Some((id, _)) if *id > h.seq => return,
-            Some((id, seen)) if *id == h.seq => {
-                seen.insert(h.lba);
-            }
-            _ => self.plan_chunks = Some((h.seq, BTreeSet::from([h.lba]))),
-        }
-        if self
-            .plan_chunks
-            .as_ref()
-            .is_some_and(|(_, seen)| seen.len() as u64 >= u64::from(h.blocks))
-            && !self.plan_complete
-        {
+        if chunk == Chunk::Complete && !self.plan_complete {
             self.plan_complete = true;
             info!(
                 site = self.cfg.site,
@@ -2673,6 +2667,45 @@ impl Replica {
             );
             out.push(Action::ResyncComplete { epoch });
         }
+    }
+}
+
+/// What one chunk of a chunked LBA list did to its count (see [`note_chunk`]).
+#[derive(Debug, PartialEq, Eq)]
+enum Chunk {
+    /// Counted; the list is not complete yet.
+    Counted,
+    /// Counted, and every chunk of the list has now arrived.
+    Complete,
+    /// Of an older list than the one being counted: ignored.
+    Stale,
+    /// A chunk index or count no list of this volume can have: ignored (and counted foreign).
+    Garbage,
+}
+
+/// Counts chunk `h.lba` of the list `h.seq` of `h.blocks` chunks ([`Replica::send_lba_list`])
+/// in `chunks`: a newer list replaces an older one, a chunk of an older list changes
+/// nothing. A chunk index not below the count, or a count above `chunks_max`, is garbage,
+/// so the set never holds more than `chunks_max` entries.
+fn note_chunk(chunks: &mut Option<(u64, BTreeSet<u64>)>, h: &Header, chunks_max: u64) -> Chunk {
+    let count = u64::from(h.blocks);
+    if count == 0 || count > chunks_max || h.lba >= count {
+        return Chunk::Garbage;
+    }
+    match chunks.as_mut() {
+        Some((id, _)) if *id > h.seq => return Chunk::Stale,
+        Some((id, seen)) if *id == h.seq => {
+            seen.insert(h.lba);
+        }
+        _ => *chunks = Some((h.seq, BTreeSet::from([h.lba]))),
+    }
+    if chunks
+        .as_ref()
+        .is_some_and(|(_, seen)| seen.len() as u64 >= count)
+    {
+        Chunk::Complete
+    } else {
+        Chunk::Counted
     }
 }
 
